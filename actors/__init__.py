@@ -1,0 +1,27 @@
+"""The actor kit: actors, mailboxes, the envelope and the wire codec."""
+
+from actors._actor import Actor, ActorState, Delivery, Permanent, ask, run
+from actors._codec import JSON, MSGPACK, decode, encode, encode_json, unpack
+from actors._envelope import Envelope, new_id
+from actors._mailbox import DeadLetter, Requests, WorkQueue, publish_dead_letter
+
+__all__ = [
+    "JSON",
+    "MSGPACK",
+    "Actor",
+    "ActorState",
+    "DeadLetter",
+    "Delivery",
+    "Envelope",
+    "Permanent",
+    "Requests",
+    "WorkQueue",
+    "ask",
+    "decode",
+    "encode",
+    "encode_json",
+    "new_id",
+    "publish_dead_letter",
+    "run",
+    "unpack",
+]

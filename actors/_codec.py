@@ -1,0 +1,85 @@
+"""The wire codec: msgpack of pydantic models (JSON accepted where people type messages)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import enum
+import json
+import uuid
+from typing import Any, TypeVar, overload
+
+import msgpack
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from nerve._errors import CodecError
+
+MSGPACK = "application/msgpack"
+JSON = "application/json"
+
+T = TypeVar("T")
+
+
+def _default(obj: Any) -> Any:
+    if isinstance(obj, BaseModel):
+        return obj.model_dump(mode="python")
+    if isinstance(obj, _dt.datetime | _dt.date):
+        return obj.isoformat()
+    if isinstance(obj, uuid.UUID):
+        return str(obj)
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, set | frozenset | tuple):
+        return list(obj)
+    raise TypeError(f"cannot encode {type(obj).__name__} on the bus")
+
+
+def encode(value: Any) -> bytes:
+    """Encode a pydantic model (or plain data) as msgpack."""
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="python", exclude_none=False)
+    try:
+        return msgpack.packb(value, default=_default, use_bin_type=True, datetime=False)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise CodecError(f"cannot encode message: {exc}") from None
+
+
+def encode_json(value: Any) -> bytes:
+    if isinstance(value, BaseModel):
+        return value.model_dump_json().encode()
+    return json.dumps(value, default=_default, separators=(",", ":")).encode()
+
+
+def unpack(data: bytes, content_type: str | None = None) -> Any:
+    """Bytes to plain data. JSON when the content type says so or the payload looks like it."""
+    if not data:
+        raise CodecError("empty message")
+    is_json = content_type == JSON if content_type else data[:1] in (b"{", b"[", b" ", b"\n")
+    try:
+        if is_json:
+            return json.loads(data)
+        return msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        kind = "JSON" if is_json else "msgpack"
+        raise CodecError(f"malformed {kind} ({len(data)} bytes): {exc}") from None
+
+
+@overload
+def decode(data: bytes, into: type[T], content_type: str | None = None) -> T: ...
+@overload
+def decode(data: bytes, into: TypeAdapter[T], content_type: str | None = None) -> T: ...
+def decode(data: bytes, into: Any, content_type: str | None = None) -> Any:
+    """Decode bytes into a pydantic model or a ``TypeAdapter``'s type, validating it."""
+    obj = unpack(data, content_type)
+    try:
+        if isinstance(into, TypeAdapter):
+            return into.validate_python(obj)
+        if isinstance(into, type) and issubclass(into, BaseModel):
+            return into.model_validate(obj)
+        return TypeAdapter(into).validate_python(obj)
+    except ValidationError as exc:
+        name = getattr(into, "__name__", None) or str(getattr(into, "_type", into))
+        errors = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}"
+            for e in exc.errors()[:5]
+        )
+        raise CodecError(f"invalid {name}: {errors}", errors=exc.error_count()) from None

@@ -1,0 +1,168 @@
+"""Connecting to NATS: the embedded server or any server/cluster named by URL."""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nats.aio.client import Client as NatsClient
+from nats.errors import Error as NatsClientError
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
+from nats.js.object_store import ObjectStore
+
+from bus._subjects import Names
+from nerve._errors import BusError, ConfigError
+
+log = logging.getLogger("nerve.bus")
+
+NATS_URL_ENV = "NERVE_NATS_URL"
+
+
+@dataclass(slots=True)
+class ConnectOptions:
+    """Where and how to connect. Every field has an environment variable twin.
+
+    ``NERVE_NATS_URL`` (comma-separated for a cluster), ``NERVE_NATS_USER`` /
+    ``NERVE_NATS_PASSWORD``, ``NERVE_NATS_TOKEN``, ``NERVE_NATS_CREDS`` (a ``.creds`` file),
+    ``NERVE_NATS_TLS_CA`` / ``NERVE_NATS_TLS_CERT`` / ``NERVE_NATS_TLS_KEY``.
+    """
+
+    servers: list[str] = field(default_factory=lambda: ["nats://127.0.0.1:4222"])
+    name: str = "nerve"
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
+    creds_file: Path | None = None
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_hostname: str | None = None
+    connect_timeout: float = 5.0
+    reconnect_wait: float = 0.25
+    initial_attempts: int = 3
+    prefix: str = "nerve"
+
+    @classmethod
+    def from_env(cls, url: str | None = None, **overrides: object) -> ConnectOptions:
+        """Options from ``url`` (or ``NERVE_NATS_URL``) and the ``NERVE_NATS_*`` variables."""
+        env = os.environ
+        raw = url or env.get(NATS_URL_ENV)
+        opts = cls()
+        if raw:
+            opts.servers = [s.strip() for s in raw.split(",") if s.strip()]
+        opts.user = env.get("NERVE_NATS_USER") or None
+        opts.password = env.get("NERVE_NATS_PASSWORD") or None
+        opts.token = env.get("NERVE_NATS_TOKEN") or None
+        for attr, var in (("creds_file", "NERVE_NATS_CREDS"), ("tls_ca", "NERVE_NATS_TLS_CA"),
+                          ("tls_cert", "NERVE_NATS_TLS_CERT"), ("tls_key", "NERVE_NATS_TLS_KEY")):
+            if env.get(var):
+                setattr(opts, attr, Path(env[var]))
+        opts.prefix = env.get("NERVE_PREFIX", opts.prefix)
+        for key, value in overrides.items():
+            if value is not None:
+                setattr(opts, key, value)
+        return opts
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        if not (self.tls_ca or self.tls_cert):
+            return None
+        ctx = ssl.create_default_context(cafile=str(self.tls_ca) if self.tls_ca else None)
+        if self.tls_cert:
+            ctx.load_cert_chain(str(self.tls_cert), str(self.tls_key) if self.tls_key else None)
+        return ctx
+
+
+class Bus:
+    """A live NATS connection with its JetStream context and the deployment's :class:`Names`.
+
+    Every actor gets one of these. ``kv()`` and ``object_store()`` bind buckets once and
+    cache the handles.
+    """
+
+    def __init__(self, nc: NatsClient, names: Names) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream()
+        self.names = names
+        self._kv: dict[str, KeyValue] = {}
+        self._obj: dict[str, ObjectStore] = {}
+
+    async def kv(self, bucket: str) -> KeyValue:
+        if bucket not in self._kv:
+            self._kv[bucket] = await self.js.key_value(bucket)
+        return self._kv[bucket]
+
+    async def object_store(self, bucket: str) -> ObjectStore:
+        if bucket not in self._obj:
+            self._obj[bucket] = await self.js.object_store(bucket)
+        return self._obj[bucket]
+
+    @property
+    def connected_url(self) -> str | None:
+        url = self.nc.connected_url
+        return url.geturl() if url else None
+
+    async def close(self) -> None:
+        if not self.nc.is_closed:
+            await self.nc.drain()
+
+
+async def connect(options: ConnectOptions | str | None = None) -> Bus:
+    """Connect to NATS and return a :class:`Bus`.
+
+    ``options`` may be a URL, a :class:`ConnectOptions`, or ``None`` for the environment.
+    Reconnects are retried forever and logged; a first connection that fails raises
+    :class:`~nerve.BusError` with the URL and the reason.
+    """
+    if options is None or isinstance(options, str):
+        options = ConnectOptions.from_env(options)
+    if options.creds_file and not options.creds_file.is_file():
+        raise ConfigError(f"NATS credentials file {options.creds_file} does not exist",
+                          path=str(options.creds_file))
+
+    async def on_disconnect() -> None:
+        log.warning("disconnected from NATS; reconnecting")
+
+    async def on_reconnect() -> None:
+        url = nc.connected_url.geturl() if nc.connected_url else "?"
+        log.warning("reconnected to NATS at %s", url)
+
+    async def on_error(exc: Exception) -> None:
+        if nc.is_connected or nc.is_reconnecting:
+            log.warning("NATS connection error: %r", exc)
+
+    nc = NatsClient()
+    try:
+        await nc.connect(
+            servers=options.servers,
+            name=options.name,
+            user=options.user,
+            password=options.password,
+            token=options.token,
+            user_credentials=str(options.creds_file) if options.creds_file else None,
+            tls=options.tls_context(),
+            tls_hostname=options.tls_hostname,
+            connect_timeout=options.connect_timeout,
+            reconnect_time_wait=options.reconnect_wait,
+            # A finite count for the first connection (nats-py applies it there too, and -1
+            # would retry a wrong URL forever); switched to "forever" once connected.
+            max_reconnect_attempts=options.initial_attempts,
+            allow_reconnect=True,
+            disconnected_cb=on_disconnect,
+            reconnected_cb=on_reconnect,
+            error_cb=on_error,
+        )
+    except (OSError, NatsClientError, TimeoutError) as exc:
+        raise BusError(
+            f"cannot connect to NATS at {', '.join(options.servers)}: {exc!r}; check the URL "
+            f"(--nats-url / {NATS_URL_ENV}) and that the server is running",
+            servers=options.servers,
+        ) from None
+    nc.options["max_reconnect_attempts"] = -1
+    return Bus(nc, Names(options.prefix))
+
+
+__all__ = ["Bus", "ConnectOptions", "connect"]

@@ -1,0 +1,170 @@
+"""Create every stream, KV bucket and object store nerve needs, idempotently."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from nats.js.api import (
+    DiscardPolicy,
+    KeyValueConfig,
+    ObjectStoreConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError, NotFoundError
+
+from bus._connect import Bus
+from nerve._errors import ProvisioningError
+
+log = logging.getLogger("nerve.bus.provision")
+
+_DAY = 24 * 3600.0
+
+
+@dataclass(slots=True)
+class StreamLimits:
+    """Retention knobs a deployment may want to change; the defaults suit one machine.
+
+    ``work_storage`` is memory by default: a work item is regenerated from the run history
+    on takeover (and after a server restart), so it need not cost an fsync on every step's
+    critical path. Set it to ``file`` to keep queued work across server restarts anyway.
+    """
+
+    stream_max_age: float = 7 * _DAY
+    dead_max_age: float = 30 * _DAY
+    events_max_age: float = 7 * _DAY
+    duplicate_window: float = 120.0
+    max_msg_size: int = 8 * 1024 * 1024
+    work_storage: StorageType = StorageType.MEMORY
+    replicas: int = 1
+
+
+def stream_configs(names, limits: StreamLimits) -> list[StreamConfig]:
+    p = names.prefix
+    common = dict(num_replicas=limits.replicas, max_msg_size=limits.max_msg_size)
+    return [
+        StreamConfig(
+            name=names.tasks_stream, subjects=[f"{p}.tasks.*"],
+            retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE,
+            duplicate_window=limits.duplicate_window, **common,
+        ),
+        StreamConfig(
+            name=names.runs_stream, subjects=[f"{p}.runs.*.history", f"{p}.runs.*.inbox"],
+            retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
+            duplicate_window=limits.duplicate_window, allow_direct=True, **common,
+        ),
+        StreamConfig(
+            name=names.work_stream, subjects=[f"{p}.work.>"],
+            retention=RetentionPolicy.WORK_QUEUE, storage=limits.work_storage,
+            duplicate_window=limits.duplicate_window, **common,
+        ),
+        StreamConfig(
+            name=names.stream_stream, subjects=[f"{p}.stream.*"],
+            retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
+            max_age=limits.stream_max_age, allow_direct=True, **common,
+        ),
+        StreamConfig(
+            name=names.dead_stream, subjects=[f"{p}.deadletter.>"],
+            retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
+            max_age=limits.dead_max_age, **common,
+        ),
+        StreamConfig(
+            name=names.events_stream, subjects=[f"{p}.events.>"],
+            retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
+            max_age=limits.events_max_age, discard=DiscardPolicy.OLD, **common,
+        ),
+    ]
+
+
+async def _ensure_stream(bus: Bus, config: StreamConfig) -> None:
+    try:
+        info = await bus.js.stream_info(config.name)
+    except NotFoundError:
+        try:
+            await bus.js.add_stream(config)
+            log.info("created stream %s", config.name)
+            return
+        except BadRequestError as exc:
+            # Another process created it between our look and our create: fall through.
+            if exc.err_code != 10058:
+                raise ProvisioningError(
+                    f"cannot create stream {config.name}: {exc.description}",
+                    stream=config.name, code=exc.err_code,
+                ) from None
+        info = await bus.js.stream_info(config.name)
+    if _differs(info.config, config):
+        try:
+            await bus.js.update_stream(config)
+            log.info("updated stream %s", config.name)
+        except BadRequestError as exc:
+            raise ProvisioningError(
+                f"stream {config.name} exists with a config nerve cannot change "
+                f"({exc.description}); delete it (`nats stream rm {config.name}`) or use "
+                "another --prefix", stream=config.name, code=exc.err_code,
+            ) from None
+
+
+def _differs(have: StreamConfig, want: StreamConfig) -> bool:
+    fields = ("subjects", "retention", "storage", "max_age", "duplicate_window",
+              "max_msg_size", "allow_direct", "num_replicas")
+    return any(
+        getattr(want, f) is not None and getattr(have, f) != getattr(want, f)
+        for f in fields
+    )
+
+
+async def provision(bus: Bus, limits: StreamLimits | None = None,
+                    lease_marker_ttl: float = 60.0) -> None:
+    """Create (or check) every stream, KV bucket and object store for ``bus.names``.
+
+    Safe to call from every process at start-up, concurrently: what exists with the right
+    config is left alone; a compatible difference is updated; an incompatible one raises
+    :class:`~nerve.ProvisioningError` naming the resource and the fix.
+    """
+    limits = limits or StreamLimits()
+    names = bus.names
+    for config in stream_configs(names, limits):
+        await _ensure_stream(bus, config)
+
+    # Leases: one value per key; keys may carry their own TTL (Nats-TTL). Expiry leaves a
+    # delete marker so watchers see a holder die instead of having to poll.
+    await _ensure_kv(bus, KeyValueConfig(
+        bucket=names.leases_bucket, history=1, storage=StorageType.FILE,
+        replicas=limits.replicas, limit_marker_ttl=lease_marker_ttl,
+    ))
+    # Budgets: a few revisions of history make ledger changes auditable.
+    await _ensure_kv(bus, KeyValueConfig(
+        bucket=names.budgets_bucket, history=8, storage=StorageType.FILE,
+        replicas=limits.replicas,
+    ))
+    try:
+        await bus.js.object_store(names.snapshots_bucket)
+    except NotFoundError:
+        try:
+            await bus.js.create_object_store(names.snapshots_bucket, config=ObjectStoreConfig(
+                storage=StorageType.FILE, replicas=limits.replicas,
+            ))
+        except BadRequestError as exc:
+            if exc.err_code != 10058:
+                raise ProvisioningError(
+                    f"cannot create object store {names.snapshots_bucket}: {exc.description}",
+                    bucket=names.snapshots_bucket, code=exc.err_code,
+                ) from None
+
+
+async def _ensure_kv(bus: Bus, config: KeyValueConfig) -> None:
+    try:
+        await bus.js.key_value(config.bucket)
+        return
+    except NotFoundError:
+        pass
+    try:
+        await bus.js.create_key_value(config=config)
+    except BadRequestError as exc:
+        if exc.err_code != 10058:
+            raise ProvisioningError(
+                f"cannot create KV bucket {config.bucket}: {exc.description}",
+                bucket=config.bucket, code=exc.err_code,
+            ) from None

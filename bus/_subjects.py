@@ -1,0 +1,157 @@
+"""Every stream, subject, bucket and object-store name nerve uses, in one place.
+
+All names carry a prefix (default ``nerve``) so several deployments can share one NATS
+cluster: stream names use the upper-cased prefix (``NERVE_RUNS``), subjects and buckets the
+lower-cased one (``nerve.runs.<id>.history``, ``nerve-leases``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from nerve._errors import ConfigError
+
+_PREFIX_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+# A token that may sit in one subject position: no wildcards, separators or whitespace.
+_TOKEN_RE = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
+
+
+def check_token(kind: str, value: str) -> str:
+    """Return ``value`` if it is safe as one subject token, else raise :class:`ConfigError`.
+
+    Ids end up inside subjects (``nerve.runs.<run_id>.history``); a ``.``, ``*`` or ``>`` in
+    one would address other runs' subjects.
+    """
+    if not isinstance(value, str) or not _TOKEN_RE.match(value):
+        raise ConfigError(
+            f"invalid {kind} {value!r}: use 1-128 characters from A-Z a-z 0-9 _ -",
+            kind=kind, value=str(value),
+        )
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Names:
+    """The names of every NATS resource for one deployment prefix."""
+
+    prefix: str = "nerve"
+
+    def __post_init__(self) -> None:
+        if not _PREFIX_RE.match(self.prefix):
+            raise ConfigError(
+                f"invalid prefix {self.prefix!r}: lower-case letters, digits and _ "
+                "(starting with a letter, at most 32)", prefix=self.prefix,
+            )
+
+    # -- streams -----------------------------------------------------------------------
+    @property
+    def tasks_stream(self) -> str:
+        return f"{self.prefix.upper()}_TASKS"
+
+    @property
+    def runs_stream(self) -> str:
+        return f"{self.prefix.upper()}_RUNS"
+
+    @property
+    def work_stream(self) -> str:
+        return f"{self.prefix.upper()}_WORK"
+
+    @property
+    def stream_stream(self) -> str:
+        return f"{self.prefix.upper()}_STREAM"
+
+    @property
+    def dead_stream(self) -> str:
+        return f"{self.prefix.upper()}_DEAD"
+
+    @property
+    def events_stream(self) -> str:
+        return f"{self.prefix.upper()}_EVENTS"
+
+    # -- buckets -----------------------------------------------------------------------
+    @property
+    def leases_bucket(self) -> str:
+        return f"{self.prefix}-leases"
+
+    @property
+    def budgets_bucket(self) -> str:
+        return f"{self.prefix}-budgets"
+
+    @property
+    def snapshots_bucket(self) -> str:
+        return f"{self.prefix}-snapshots"
+
+    # -- subjects ----------------------------------------------------------------------
+    def tasks(self, tenant: str = "*") -> str:
+        return f"{self.prefix}.tasks.{self._id(tenant, 'tenant')}"
+
+    @property
+    def tasks_rejected(self) -> str:
+        return f"{self.prefix}.tasks.rejected"
+
+    def history(self, run_id: str = "*") -> str:
+        return f"{self.prefix}.runs.{self._id(run_id, 'run id')}.history"
+
+    def inbox(self, run_id: str = "*") -> str:
+        return f"{self.prefix}.runs.{self._id(run_id, 'run id')}.inbox"
+
+    @property
+    def work_llm(self) -> str:
+        return f"{self.prefix}.work.llm"
+
+    @property
+    def work_tool(self) -> str:
+        return f"{self.prefix}.work.tool"
+
+    @property
+    def work_activity(self) -> str:
+        return f"{self.prefix}.work.activity"
+
+    def work_sandbox(self, sandbox_id: str = "*") -> str:
+        return f"{self.prefix}.work.sandbox.{self._id(sandbox_id, 'sandbox id')}"
+
+    def stream(self, run_id: str = "*") -> str:
+        return f"{self.prefix}.stream.{self._id(run_id, 'run id')}"
+
+    def dead_letter(self, consumer: str = "*") -> str:
+        return f"{self.prefix}.deadletter.{self._id(consumer, 'consumer')}"
+
+    def event(self, kind: str = ">") -> str:
+        """Operational events (supervisor restarts, breaker trips, costs): ``nerve.events.*``."""
+        return f"{self.prefix}.events.{kind}"
+
+    def ctl(self, suffix: str = ">") -> str:
+        return f"{self.prefix}.ctl.{suffix}"
+
+    def tenant_kill(self, tenant: str = "*") -> str:
+        return f"{self.prefix}.ctl.tenant.{self._id(tenant, 'tenant')}.kill"
+
+    def tenant_reset(self, tenant: str = "*") -> str:
+        return f"{self.prefix}.ctl.tenant.{self._id(tenant, 'tenant')}.reset"
+
+    # -- keys --------------------------------------------------------------------------
+    @staticmethod
+    def host_lease(host_id: str) -> str:
+        return f"host.{check_token('host id', host_id)}"
+
+    @staticmethod
+    def run_lease(run_id: str) -> str:
+        return f"run.{check_token('run id', run_id)}"
+
+    @staticmethod
+    def sandbox_lease(sandbox_id: str) -> str:
+        return f"sandbox.{check_token('sandbox id', sandbox_id)}"
+
+    @staticmethod
+    def budget_key(tenant: str) -> str:
+        return f"tenant.{check_token('tenant', tenant)}"
+
+    @staticmethod
+    def snapshot_name(sandbox_id: str, seq: int) -> str:
+        # Zero-padded so names sort in sequence order.
+        return f"sandbox.{check_token('sandbox id', sandbox_id)}.{seq:012d}"
+
+    @staticmethod
+    def _id(value: str, kind: str) -> str:
+        return value if value in ("*", ">") else check_token(kind, value)

@@ -1,0 +1,199 @@
+"""``RunHistory``: one run's event-sourced history on ``nerve.runs.<run_id>.history``.
+
+Single writer, enforced by the server: every append says which stream sequence it expects
+to be the last on the subject (``Nats-Expected-Last-Subject-Sequence``); if anyone else
+appended in between, JetStream refuses (10071) and the writer gets
+:class:`~nerve.StaleWriterError`. ``Nats-Msg-Id = <run_id>:<event_index>`` makes a retried
+append idempotent.
+
+One history message holds one or more consecutive events, written atomically with one
+fsync (a step's completion and the next steps it schedules, say). The message id is the
+index of its first event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import msgpack
+from nats.errors import Error as NatsClientError
+from nats.js.errors import APIError, NotFoundError
+
+from actors import encode
+from bus import Bus
+from nerve._errors import CodecError, HistoryError, RunNotFound, StaleWriterError
+from persistence._events import EVENTS_ADAPTER, Event, RunStarted
+
+H_MSG_ID = "Nats-Msg-Id"
+H_EXPECTED_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
+WRONG_LAST_SEQUENCE = 10071
+_DIRECT_BATCH = 1024
+
+
+def encode_record(events: Sequence[Event]) -> bytes:
+    return encode([e.model_dump(mode="python") for e in events])
+
+
+def decode_record(data: bytes) -> list[Event]:
+    try:
+        raw = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError) as exc:
+        raise CodecError(f"corrupt history record: {exc}") from None
+    if isinstance(raw, dict):  # a single event written by hand or by an older writer
+        raw = [raw]
+    return EVENTS_ADAPTER.validate_python(raw)
+
+
+class RunHistory:
+    """Read and append one run's history. Not safe to share between two writers: that is
+    the point; the second one gets :class:`~nerve.StaleWriterError`.
+    """
+
+    def __init__(self, bus: Bus, run_id: str) -> None:
+        self.bus = bus
+        self.run_id = run_id
+        self.subject = bus.names.history(run_id)
+        self.last_seq = 0  # stream sequence of the last record on the subject (0: none)
+        self.length = 0  # number of events in the history
+
+    async def read(self, after_seq: int = 0) -> list[Event]:
+        """Read the whole history (or what follows ``after_seq``), in order.
+
+        Also positions this writer at the end, so the next :meth:`append` is fenced
+        against what was read.
+        """
+        events: list[Event] = []
+        async for seq, record in self.records(after_seq):
+            events.extend(record)
+            self.last_seq = seq
+        if after_seq == 0:
+            self.length = len(events)
+        else:
+            self.length += len(events)
+        return events
+
+    async def records(self, after_seq: int = 0):
+        """Yield ``(stream_seq, events)`` per stored record, oldest first."""
+        async for seq, data in direct_get_subject(self.bus, self.bus.names.runs_stream,
+                                                  self.subject, after_seq):
+            yield seq, decode_record(data)
+
+    async def create(self, started: RunStarted) -> bool:
+        """Write the first event. False if the run already exists (same id): idempotent start."""
+        self.last_seq = 0
+        self.length = 0
+        try:
+            await self.append(started)
+        except StaleWriterError:
+            return False
+        return True
+
+    async def append(self, *events: Event) -> int:
+        """Append ``events`` atomically after what this writer last read or wrote.
+
+        Returns the stream sequence of the record. Raises :class:`~nerve.StaleWriterError`
+        if anyone else wrote the history since.
+        """
+        if not events:
+            raise ValueError("append needs at least one event")
+        payload = encode_record(events)
+        msg_id = f"{self.run_id}:{self.length}"
+        headers = {H_MSG_ID: msg_id, H_EXPECTED_SUBJECT_SEQ: str(self.last_seq)}
+        try:
+            ack = await self.bus.js.publish(self.subject, payload, headers=headers)
+        except APIError as exc:
+            if exc.err_code != WRONG_LAST_SEQUENCE:
+                raise HistoryError(f"append to {self.subject} failed: {exc.description}",
+                                   run_id=self.run_id, code=exc.err_code) from None
+            # Our own earlier attempt may have landed with its ack lost: then the last
+            # record on the subject is byte-for-byte what we are writing.
+            seq = await self._ours_at_end(msg_id, payload)
+            if seq is None:
+                raise StaleWriterError(
+                    f"run {self.run_id}: the history moved past sequence {self.last_seq}; "
+                    "another orchestrator owns this run now", run_id=self.run_id,
+                    expected_seq=self.last_seq, index=self.length,
+                ) from None
+            ack_seq = seq
+        except (TimeoutError, NatsClientError) as exc:
+            raise HistoryError(f"append to {self.subject} failed: {exc!r}",
+                               run_id=self.run_id, retryable=True) from None
+        else:
+            ack_seq = ack.seq
+            if ack.duplicate and await self._ours_at_end(msg_id, payload) is None:
+                raise StaleWriterError(
+                    f"run {self.run_id}: event {self.length} was already written by another "
+                    "writer", run_id=self.run_id, index=self.length)
+        self.last_seq = ack_seq
+        self.length += len(events)
+        return ack_seq
+
+    async def _ours_at_end(self, msg_id: str, payload: bytes) -> int | None:
+        try:
+            msg = await self.bus.js.get_last_msg(self.bus.names.runs_stream, self.subject,
+                                                 direct=True)
+        except NotFoundError:
+            return None
+        if (msg.headers or {}).get(H_MSG_ID) == msg_id and msg.data == payload:
+            return msg.seq
+        return None
+
+    async def load_started(self) -> RunStarted:
+        """The run's first event; :class:`~nerve.RunNotFound` if there is no such run."""
+        async for _seq, record in self.records():
+            first = record[0]
+            if isinstance(first, RunStarted):
+                return first
+            break
+        raise RunNotFound(f"no run {self.run_id}", run_id=self.run_id)
+
+
+async def direct_get_subject(bus: Bus, stream: str, subject: str, after_seq: int = 0,
+                             batch: int = _DIRECT_BATCH):
+    """Yield ``(seq, data)`` of every message on ``subject`` after ``after_seq``.
+
+    Uses JetStream's batched direct get (no consumer to create or delete), a thousand
+    messages a round trip.
+    """
+    nc = bus.nc
+    start = after_seq + 1
+    while True:
+        inbox = nc.new_inbox()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        sub = await nc.subscribe(inbox, cb=queue.put)
+        try:
+            req = {"seq": start, "next_by_subj": subject, "batch": batch}
+            await nc.publish(f"$JS.API.DIRECT.GET.{stream}", json.dumps(req).encode(),
+                             reply=inbox)
+            got = 0
+            more = False
+            while True:
+                msg = await asyncio.wait_for(queue.get(), timeout=5.0)
+                headers = msg.headers or {}
+                status = headers.get("Status")
+                if status:
+                    if status == "404":  # nothing (more) on the subject
+                        return
+                    if status == "408":
+                        raise HistoryError(f"direct get on {stream} timed out", subject=subject)
+                    if status == "204":  # end of batch
+                        more = headers.get("Nats-Num-Pending", "0") != "0" or got >= batch
+                        break
+                    raise HistoryError(f"direct get on {stream} failed: {status} "
+                                       f"{headers.get('Description', '')}", subject=subject)
+                seq = int(headers["Nats-Sequence"])
+                got += 1
+                start = seq + 1
+                yield seq, msg.data
+            if not more:
+                return
+        except TimeoutError:
+            raise HistoryError(f"no answer reading {subject} from {stream}",
+                               subject=subject, retryable=True) from None
+        finally:
+            with contextlib.suppress(NatsClientError):
+                await sub.unsubscribe()

