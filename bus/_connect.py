@@ -124,7 +124,8 @@ async def connect(options: ConnectOptions | str | None = None) -> Bus:
                           path=str(options.creds_file))
 
     async def on_disconnect() -> None:
-        log.warning("disconnected from NATS; reconnecting")
+        if not (nc.is_closed or nc.is_draining):
+            log.warning("disconnected from NATS; reconnecting")
 
     async def on_reconnect() -> None:
         url = nc.connected_url.geturl() if nc.connected_url else "?"

@@ -1,0 +1,35 @@
+"""``nerve``: the command line. Each subcommand lives in its own module under ``cli/``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from nerve import NerveError, __version__
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from cli import _demo
+
+    parser = argparse.ArgumentParser(prog="nerve", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"nerve {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _demo.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point. A :class:`~nerve.NerveError` is printed as one line, not a traceback."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except NerveError as exc:
+        print(f"nerve: error: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
