@@ -4,6 +4,7 @@ from actors._actor import Actor, ActorState, Delivery, Permanent, ask, run
 from actors._codec import JSON, MSGPACK, decode, encode, encode_json, unpack
 from actors._envelope import Envelope, new_id
 from actors._mailbox import DeadLetter, Requests, WorkQueue, publish_dead_letter
+from actors._work import StepResult, StepWorker, WorkItem
 
 __all__ = [
     "JSON",
@@ -15,6 +16,9 @@ __all__ = [
     "Envelope",
     "Permanent",
     "Requests",
+    "StepResult",
+    "StepWorker",
+    "WorkItem",
     "WorkQueue",
     "ask",
     "decode",

@@ -28,16 +28,32 @@ from persistence._events import (
     args_digest,
 )
 from persistence._history import RunHistory, decode_record, direct_get_subject, encode_record
+from persistence._messages import (
+    INBOX_ADAPTER,
+    CancelMessage,
+    InboxMessage,
+    PauseMessage,
+    ResumeMessage,
+    SignalMessage,
+    StreamEvent,
+    StreamEventType,
+    TaskRequest,
+)
 from persistence._snapshots import SnapshotInfo, SnapshotStore
 
 __all__ = [
     "EVENT_ADAPTER",
+    "INBOX_ADAPTER",
     "SCHEMA_VERSION",
     "TERMINAL_TYPES",
+    "CancelMessage",
     "CancelRequested",
     "Event",
+    "InboxMessage",
     "MarkerRecorded",
     "OwnerChanged",
+    "PauseMessage",
+    "ResumeMessage",
     "RunBlocked",
     "RunCancelled",
     "RunCompleted",
@@ -48,6 +64,7 @@ __all__ = [
     "RunStarted",
     "SandboxLost",
     "SandboxRestored",
+    "SignalMessage",
     "SignalReceived",
     "SignalRejected",
     "SignalTimedOut",
@@ -57,6 +74,9 @@ __all__ = [
     "StepFailed",
     "StepKind",
     "StepScheduled",
+    "StreamEvent",
+    "StreamEventType",
+    "TaskRequest",
     "TimerFired",
     "args_digest",
     "decode_record",

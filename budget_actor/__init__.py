@@ -1,0 +1,1 @@
+"""budget_actor (in progress)."""

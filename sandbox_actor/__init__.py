@@ -1,0 +1,1 @@
+"""sandbox_actor (in progress)."""
