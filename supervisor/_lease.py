@@ -88,10 +88,10 @@ class Lease:
     def _subject(self) -> str:
         return f"$KV.{self.bus.names.leases_bucket}.{self.key}"
 
-    async def _write(self, expected: int | None) -> int:
+    async def _write(self, expected: int) -> int:
         now = time.time()
         record = LeaseRecord(self.holder, self._acquired_at or now, now, self.ttl, self.data)
-        headers = {H_TTL: f"{int(self.ttl * 1000)}ms", H_EXPECTED: str(expected or 0)}
+        headers = {H_TTL: f"{int(self.ttl * 1000)}ms", H_EXPECTED: str(expected)}
         started = time.monotonic()
         ack = await self.bus.js.publish(self._subject(), record.encode(), headers=headers)
         # Count validity from before the write: the server's clock started no earlier.
@@ -111,15 +111,16 @@ class Lease:
 
     async def acquire(self) -> bool:
         """Take the lease if it is free (or already ours). False if someone else holds it."""
-        found = await self.current()
-        expected: int | None = None
-        if found is not None:
-            record, revision = found
-            if record.holder != self.holder:
+        # One read decides what we expect to replace: nothing, a delete/expiry marker, or
+        # our own record from before a restart. The write is then a compare-and-set on
+        # exactly that, so a concurrent contender makes it fail instead of overwriting.
+        last = await self._last_message()
+        expected = 0
+        if last is not None:
+            seq, record = last
+            if record is not None and record.holder != self.holder:
                 return False
-            expected = revision  # our own lease from before a restart: carry on with it
-        elif (kv_rev := await self._last_revision()) is not None:
-            expected = kv_rev  # a delete/expiry marker sits on the key
+            expected = seq
         self._acquired_at = time.time()
         try:
             self.revision = await self._write(expected)
@@ -130,13 +131,17 @@ class Lease:
         log.debug("lease %s acquired by %s (rev %s)", self.key, self.holder, self.revision)
         return True
 
-    async def _last_revision(self) -> int | None:
+    async def _last_message(self) -> tuple[int, LeaseRecord | None] | None:
+        """The key's last stream message: its sequence, and its record unless a marker."""
         try:
             msg = await self.bus.js.get_last_msg(f"KV_{self.bus.names.leases_bucket}",
                                                  self._subject())
         except APIError:  # includes "no message on this subject"
             return None
-        return msg.seq
+        headers = msg.headers or {}
+        if headers.get("KV-Operation") or headers.get("Nats-Marker-Reason") or not msg.data:
+            return msg.seq, None
+        return msg.seq, LeaseRecord.decode(msg.data)
 
     async def acquire_or_raise(self) -> None:
         if not await self.acquire():

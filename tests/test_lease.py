@@ -11,6 +11,13 @@ from nerve import ConfigError, LeaseLostError
 from supervisor import Lease, watch_leases
 
 
+async def test_concurrent_contenders_never_both_win(bus: Bus) -> None:
+    for round_ in range(25):
+        contenders = [Lease(bus, f"run.race{round_}", holder=f"h{i}", ttl=5) for i in range(6)]
+        won = await asyncio.gather(*(c.acquire() for c in contenders))
+        assert sum(won) == 1, f"round {round_}: {won}"
+
+
 async def test_two_contenders_exactly_one_wins_and_the_other_takes_over(bus: Bus) -> None:
     contenders = [Lease(bus, "run.r1", holder=f"h{i}", ttl=1.0) for i in range(8)]
     won = await asyncio.gather(*(c.acquire() for c in contenders))
