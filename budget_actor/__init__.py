@@ -1,1 +1,5 @@
-"""budget_actor (in progress)."""
+"""The budget: per-tenant ledgers, reservations, runaway breaker, kill-switch, prices."""
+
+from budget_actor._usage import Usage
+
+__all__ = ["Usage"]

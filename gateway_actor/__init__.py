@@ -9,7 +9,6 @@ from gateway_actor._protocol import (
     ToolResultBlock,
     ToolSpec,
     ToolUseBlock,
-    Usage,
 )
 
 __all__ = [
@@ -21,5 +20,4 @@ __all__ = [
     "ToolResultBlock",
     "ToolSpec",
     "ToolUseBlock",
-    "Usage",
 ]

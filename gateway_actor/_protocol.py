@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from budget_actor import Usage
+
 
 class TextBlock(BaseModel):
     type: Literal["text"] = "text"
@@ -65,17 +67,6 @@ class LLMRequest(BaseModel):
     # ("short", or "long" before a human wait or a long sandbox step).
     expected_gap: Literal["short", "long"] = "short"
     metadata: dict[str, str] = Field(default_factory=dict)
-
-
-class Usage(BaseModel):
-    """Token counts of one call, as Anthropic reports them."""
-
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cache_creation_input_tokens: int = 0
-    cache_read_input_tokens: int = 0
-    cache_creation_5m_input_tokens: int = 0
-    cache_creation_1h_input_tokens: int = 0
 
 
 class LLMResponse(BaseModel):

@@ -60,6 +60,20 @@ class PauseMessage(BaseModel):
     at: float = Field(default_factory=time.time)
 
 
+class SandboxNotice(BaseModel):
+    """A sandbox host's report that the run's sandbox was lost or restored."""
+
+    type: Literal["sandbox_notice"] = "sandbox_notice"
+    event: Literal["lost", "restored"]
+    sandbox_id: str
+    host: str | None = None
+    reason: str = ""
+    from_snapshot: str | None = None
+    step_index: int | None = None
+    notice_id: str
+    at: float = Field(default_factory=time.time)
+
+
 class ResumeMessage(BaseModel):
     type: Literal["resume"] = "resume"
     by: str | None = None
@@ -67,7 +81,7 @@ class ResumeMessage(BaseModel):
 
 
 InboxMessage = Annotated[
-    StepResult | SignalMessage | CancelMessage | PauseMessage | ResumeMessage,
+    StepResult | SignalMessage | CancelMessage | PauseMessage | ResumeMessage | SandboxNotice,
     Field(discriminator="type"),
 ]
 INBOX_ADAPTER: TypeAdapter[InboxMessage] = TypeAdapter(InboxMessage)
