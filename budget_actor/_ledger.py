@@ -34,6 +34,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 from nats.errors import Error as NatsClientError
 from nats.js.errors import APIError, NoKeysError, NotFoundError
+from pydantic import ValidationError
 
 from actors import encode, new_id
 from budget_actor._events import CostEvent
@@ -561,8 +562,14 @@ class Ledger:
                    source: str = "manual") -> KillNotice:
         """Turn the tenant's kill-switch on: stored in the ledger (it survives restarts),
         then broadcast on ``nerve.ctl.tenant.<tenant>.kill``."""
-        notice = KillNotice(tenant=tenant, reason=reason, by=by, policy=policy,
-                            at=self.clock(), source=source)  # type: ignore[arg-type]
+        check_token("tenant", tenant)
+        try:
+            notice = KillNotice(tenant=tenant, reason=reason, by=by, policy=policy,
+                                at=self.clock(), source=source)  # type: ignore[arg-type]
+        except ValidationError as exc:
+            raise ConfigError(f"invalid kill of tenant {tenant}: "
+                              + "; ".join(f"{e['loc'][0]}: {e['msg']}" for e in exc.errors()),
+                              tenant=tenant) from None
         kill = KillState(notice.reason, notice.by, notice.at, notice.policy, None, notice.source)
         changed = await self._tenant(tenant).submit(lambda st, now: st.set_kill(kill), "always")
         if not changed:  # already killed this way: say it again for whoever missed it
