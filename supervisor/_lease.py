@@ -253,3 +253,23 @@ async def watch_leases(bus: Bus, pattern: str = ">",
     finally:
         with contextlib.suppress(NatsClientError):
             await watcher.stop()
+
+
+async def lease_keys(bus: Bus, pattern: str) -> list[str]:
+    """The live keys matching a subject ``pattern`` (``run.*``) in the leases bucket.
+
+    (nats-py's ``KeyValue.keys(filters=...)`` matches substrings, not subject wildcards.)
+    """
+    kv = await bus.kv(bus.names.leases_bucket)
+    watcher = await kv.watch(pattern, meta_only=True, ignore_deletes=True)
+    keys: list[str] = []
+    try:
+        async for entry in watcher:
+            if entry is None:
+                break
+            if entry.operation is None:
+                keys.append(entry.key)
+    finally:
+        with contextlib.suppress(NatsClientError):
+            await watcher.stop()
+    return keys

@@ -81,7 +81,7 @@ def summarize(events: list[Event]) -> RunSummary:
         elif isinstance(ev, RunPaused):
             s.status = "paused"
         elif isinstance(ev, RunResumed):
-            s.status = "running"
+            s.status, s.blocked = "running", None
         elif isinstance(ev, RunBlocked):
             s.status, s.blocked = "blocked", {"reason": ev.reason, "diff": ev.diff}
         elif isinstance(ev, RunCompleted):
@@ -90,9 +90,6 @@ def summarize(events: list[Event]) -> RunSummary:
             s.status, s.error, s.ended_at = "failed", ev.error, ev.at
         elif isinstance(ev, RunCancelled):
             s.status, s.ended_at = "cancelled", ev.at
-        if s.status == "blocked" and not isinstance(ev, RunBlocked) and ev.type not in (
-                "owner_changed",):
-            s.status, s.blocked = "running", None
     s.waiting_for = sorted(set(waits.values()))
     if s.status == "running" and s.waiting_for:
         s.status = "waiting"

@@ -255,6 +255,9 @@ class RunDriver:
                                    else {})
             return False
         self.status = "paused" if self._paused else "running"
+        if _last_state_event(events) == "run_blocked":
+            # It was blocked; this code replays it: say so in the history.
+            fresh.insert(0, RunResumed(by=f"{self.orch.owner_id}: replay is deterministic"))
         # Steps issued at the frontier (a fresh run's first steps) are new: record them.
         for event in fresh:
             self._track(event)
@@ -644,3 +647,12 @@ class RunDriver:
         await self._flush_outputs()
         if instance.state is not InstanceState.BLOCKED:
             await self.orch.release_run(self.run_id)
+
+
+def _last_state_event(events: list[Event]) -> str | None:
+    """The type of the last event that changes a run's visible state."""
+    for event in reversed(events):
+        if event.type in ("run_blocked", "run_resumed", "run_paused") or event.type.startswith(
+                "step_") or event.type in ("signal_received", "timer_fired", "marker"):
+            return event.type
+    return None

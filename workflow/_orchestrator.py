@@ -38,7 +38,7 @@ from nerve._errors import (
     TaskRejected,
 )
 from persistence import RunHistory, RunStarted, TaskRequest
-from supervisor import Lease, watch_leases
+from supervisor import Lease, lease_keys, watch_leases
 from workflow._definition import WorkflowRegistry, workflows
 from workflow._driver import RunDriver, _Reconnected
 from workflow._policy import RetryPolicy
@@ -183,12 +183,7 @@ class Orchestrator:
 
     async def _claim_orphans(self, dead_host: str | None = None) -> None:
         """Claim every active run whose owner is us (restarted) or not alive."""
-        kv = await self.bus.kv(self.bus.names.leases_bucket)
-        try:
-            keys = await kv.keys(filters=["run.*"])
-        except (APIError, NatsClientError):  # no keys at all
-            keys = []
-        for key in keys:
+        for key in await lease_keys(self.bus, "run.*"):
             run_id = key.partition(".")[2]
             if run_id in self.drivers:
                 continue
