@@ -13,7 +13,7 @@ from budget_actor._api import (
     WindowReport,
 )
 from budget_actor._breaker import BreakerState, Trip
-from budget_actor._events import CostEvent, TripEvent
+from budget_actor._events import CostEvent, CostEvents, TripEvent
 from budget_actor._ledger import Ledger
 from budget_actor._limits import DEFAULT_LIMITS, BreakerPolicy, Limits
 from budget_actor._notices import (
@@ -45,6 +45,7 @@ __all__ = [
     "BudgetReport",
     "BudgetRequest",
     "CostEvent",
+    "CostEvents",
     "KillNotice",
     "KillNotices",
     "KillRequest",

@@ -42,7 +42,7 @@ from budget_actor._api import (
     ShowRequest,
 )
 from budget_actor._breaker import BreakerState, Trip
-from budget_actor._events import CostEvent, TripEvent
+from budget_actor._events import CostEvents, TripEvent
 from budget_actor._ledger import Ledger
 from budget_actor._limits import Limits
 from budget_actor._notices import ResetNotice, parse_kill_message
@@ -237,15 +237,16 @@ class BudgetActor(Actor[BudgetRequest]):
     # -- breaker inputs ------------------------------------------------------------------
     async def _on_cost(self, msg: Msg) -> None:
         try:
-            ev = decode(msg.data, CostEvent)
+            batch = decode(msg.data, CostEvents)
         except CodecError as exc:
-            log.warning("%s: ignoring a malformed cost event: %s", self.name, exc.message)
+            log.warning("%s: ignoring malformed cost events: %s", self.name, exc.message)
             return
-        self._known_tenants.add(ev.tenant)
-        limits = await self._limits(ev.tenant)
-        for trip in self.breaker.cost(ev.tenant, ev.run_id, ev.at, ev.cost_nanos,
-                                      limits.breaker):
-            await self._act(trip, limits)
+        self._known_tenants.add(batch.tenant)
+        limits = await self._limits(batch.tenant)
+        for ev in batch.events:
+            for trip in self.breaker.cost(batch.tenant, ev.run_id, ev.at, ev.cost_nanos,
+                                          limits.breaker):
+                await self._act(trip, limits)
 
     async def _on_history(self, msg: Msg) -> None:
         run_id = msg.subject.split(".")[-2]

@@ -1,7 +1,8 @@
 """Budget events on ``NERVE_EVENTS``: what each call cost, and every breaker trip.
 
-* :class:`CostEvent` on ``nerve.events.cost.<tenant>``: published by ``Ledger.settle`` for
-  every charge, so whoever settles through a ledger feeds the breaker with nothing more.
+* :class:`CostEvents` on ``nerve.events.cost.<tenant>``: ``Ledger.settle`` records a
+  :class:`CostEvent` for every charge and publishes them in batches, so whoever settles
+  through a ledger feeds the breaker with nothing more.
 * :class:`TripEvent` on ``nerve.events.budget.trip``: a runaway-breaker trip, with the
   evidence that made it (the window and what was in it, or the repeated step and where).
 """
@@ -37,6 +38,15 @@ class CostEvent(BaseModel):
     @property
     def cost_usd(self) -> float:
         return self.cost_nanos / 1e9
+
+
+class CostEvents(BaseModel):
+    """Charges to one tenant, published together: a ledger sends one message per tenant per
+    event-loop turn (all the settles of one group commit) rather than one per call, so cost
+    events cost the events stream one write per batch, not one per call."""
+
+    tenant: str
+    events: list[CostEvent]
 
 
 class TripEvent(BaseModel):

@@ -37,7 +37,7 @@ from nats.js.errors import APIError, NoKeysError, NotFoundError
 from pydantic import ValidationError
 
 from actors import encode, new_id
-from budget_actor._events import CostEvent
+from budget_actor._events import CostEvent, CostEvents
 from budget_actor._limits import DEFAULT_LIMITS, Limits, Policy
 from budget_actor._notices import KillNotice, ResetNotice
 from budget_actor._prices import PRICES, CacheWrite, PriceTable, usd_to_nanos
@@ -66,6 +66,7 @@ H_EXPECTED = "Nats-Expected-Last-Subject-Sequence"
 WRONG_LAST_SEQUENCE = (10071, 10164)
 MAX_TOKENS_PER_CALL = 10_000_000
 UNGUARDED_PREFIX = "open"
+MAX_COSTS_PER_MESSAGE = 256
 
 S = TypeVar("S", TenantState, RunState)
 Creates = Literal["never", "default", "always"]
@@ -260,6 +261,8 @@ class Ledger:
         self._tenants: dict[str, _Committer[TenantState]] = {}
         self._runs: dict[tuple[str, str], _Committer[RunState]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._costs: dict[str, list[CostEvent]] = {}
+        self._cost_task: asyncio.Task[None] | None = None
 
     # -- plumbing ------------------------------------------------------------------------
     def _tenant(self, tenant: str) -> _Committer[TenantState]:
@@ -472,15 +475,30 @@ class Ledger:
     def _publish_cost(self, event: CostEvent) -> None:
         if not self.publish_costs:
             return
-        task = asyncio.create_task(self._send_cost(event))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._costs.setdefault(event.tenant, []).append(event)
+        if self._cost_task is None:
+            self._cost_task = asyncio.create_task(self._send_costs(), name="ledger:costs")
+            self._tasks.add(self._cost_task)
+            self._cost_task.add_done_callback(self._tasks.discard)
 
-    async def _send_cost(self, event: CostEvent) -> None:
+    async def _send_costs(self) -> None:
         try:
-            await self.bus.nc.publish(self.names.cost_event(event.tenant), encode(event))
-        except NatsClientError as exc:
-            log.warning("cost event of %s not published: %r", event.tenant, exc)
+            # One turn of the loop lets every settle of the same group commit join in.
+            await asyncio.sleep(0)
+            while self._costs:
+                pending, self._costs = self._costs, {}
+                for tenant, events in pending.items():
+                    for i in range(0, len(events), MAX_COSTS_PER_MESSAGE):
+                        batch = CostEvents(tenant=tenant,
+                                           events=events[i:i + MAX_COSTS_PER_MESSAGE])
+                        try:
+                            await self.bus.nc.publish(self.names.cost_event(tenant),
+                                                      encode(batch))
+                        except NatsClientError as exc:
+                            log.warning("%d cost events of %s not published: %r",
+                                        len(batch.events), tenant, exc)
+        finally:
+            self._cost_task = None
 
     async def release(self, reservation_id: str, *, tenant: str) -> bool:
         """Give a reservation back (the call never ran or cost nothing). Idempotent:

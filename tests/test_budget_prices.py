@@ -17,7 +17,7 @@ def test_public_api_is_pinned() -> None:
     assert sorted(budget_actor.__all__) == sorted([
         "BUILTIN_PRICES", "DEFAULT_LIMITS", "NANOS_PER_USD", "PRICES", "REQUEST_ADAPTER",
         "BreakerPolicy", "BreakerState", "BudgetActor", "BudgetReport", "BudgetRequest",
-        "CostEvent", "KillNotice", "KillNotices", "KillRequest", "Ledger", "Limits",
+        "CostEvent", "CostEvents", "KillNotice", "KillNotices", "KillRequest", "Ledger", "Limits",
         "ModelPrice", "PriceTable", "Reservation", "ResetNotice", "ResetRequest",
         "ResumeRunRequest", "SetLimitsRequest", "Settlement", "ShowRequest", "Trip",
         "TripEvent", "Usage", "WindowReport", "kill_notices", "parse_kill_message",
