@@ -503,6 +503,10 @@ class RunDriver:
         if op is None or op.attempt != t.attempt:
             return
         cmd = op.command
+        if t.reason in ("fire", "deadline") and cmd.deadline and time.time() < cmd.deadline:
+            # The event loop may wake a hair early; a durable timer never fires early.
+            self._arm(op, cmd.deadline, t.reason)
+            return
         if t.reason == "fire":
             self._apply_fresh(TimerFired(index=cmd.index), events)
         elif t.reason == "deadline":
