@@ -30,6 +30,7 @@ from persistence._events import EVENTS_ADAPTER, Event, RunStarted
 
 H_MSG_ID = "Nats-Msg-Id"
 H_EXPECTED_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
+H_WRITER = "Nerve-Writer"
 WRONG_LAST_SEQUENCE = 10071
 _DIRECT_BATCH = 1024
 
@@ -53,9 +54,10 @@ class RunHistory:
     the point; the second one gets :class:`~nerve.StaleWriterError`.
     """
 
-    def __init__(self, bus: Bus, run_id: str) -> None:
+    def __init__(self, bus: Bus, run_id: str, writer: str | None = None) -> None:
         self.bus = bus
         self.run_id = run_id
+        self.writer = writer  # stamped on every record (Nerve-Writer), for audits
         self.subject = bus.names.history(run_id)
         self.last_seq = 0  # stream sequence of the last record on the subject (0: none)
         self.length = 0  # number of events in the history
@@ -78,8 +80,8 @@ class RunHistory:
 
     async def records(self, after_seq: int = 0):
         """Yield ``(stream_seq, events)`` per stored record, oldest first."""
-        async for seq, data in direct_get_subject(self.bus, self.bus.names.runs_stream,
-                                                  self.subject, after_seq):
+        async for seq, data, _headers in direct_get_subject(
+                self.bus, self.bus.names.runs_stream, self.subject, after_seq):
             yield seq, decode_record(data)
 
     async def create(self, started: RunStarted) -> bool:
@@ -103,6 +105,8 @@ class RunHistory:
         payload = encode_record(events)
         msg_id = f"{self.run_id}:{self.length}"
         headers = {H_MSG_ID: msg_id, H_EXPECTED_SUBJECT_SEQ: str(self.last_seq)}
+        if self.writer:
+            headers[H_WRITER] = self.writer
         try:
             ack = await self.bus.js.publish(self.subject, payload, headers=headers)
         except APIError as exc:
@@ -154,7 +158,7 @@ class RunHistory:
 
 async def direct_get_subject(bus: Bus, stream: str, subject: str, after_seq: int = 0,
                              batch: int = _DIRECT_BATCH):
-    """Yield ``(seq, data)`` of every message on ``subject`` after ``after_seq``.
+    """Yield ``(seq, data, headers)`` of every message on ``subject`` after ``after_seq``.
 
     Uses JetStream's batched direct get (no consumer to create or delete), a thousand
     messages a round trip.
@@ -188,7 +192,7 @@ async def direct_get_subject(bus: Bus, stream: str, subject: str, after_seq: int
                 seq = int(headers["Nats-Sequence"])
                 got += 1
                 start = seq + 1
-                yield seq, msg.data
+                yield seq, msg.data, headers
             if not more:
                 return
         except TimeoutError:

@@ -53,10 +53,12 @@ from persistence import (
     SignalTimedOut,
     StepCompleted,
     StepFailed,
+    StepScheduled,
     StreamEvent,
     TimerFired,
     direct_get_subject,
 )
+from workflow._chaos import crash_point
 from workflow._context import RunContext
 from workflow._instance import Command, InstanceState, WorkflowInstance
 from workflow._policy import DEFAULT_POLICIES, RetryPolicy
@@ -128,7 +130,7 @@ class RunDriver:
         self.run_id = run_id
         self.epoch = epoch
         self.takeover = takeover
-        self.history = RunHistory(self.bus, run_id)
+        self.history = RunHistory(self.bus, run_id, writer=f"{orchestrator.owner_id}:{epoch}")
         self.instance: WorkflowInstance | None = None
         self.started: RunStarted | None = None
         self.status = "starting"
@@ -229,7 +231,9 @@ class RunDriver:
             return False
         self.started = events[0]
         if events[-1].type in TERMINAL_TYPES:
+            # It ended but its record outlived it (the owner died right after the end).
             self.status = events[-1].type.removeprefix("run_")
+            await self.orch.release_run(self.run_id)
             return False
         if self.takeover:
             # Fence first: any append by the previous owner now fails.
@@ -377,6 +381,9 @@ class RunDriver:
         for attempt in range(1, 6):
             try:
                 await self.history.append(*events)
+                for ev in events:
+                    if isinstance(ev, StepScheduled):
+                        crash_point("scheduled", ev.index)
                 return
             except StaleWriterError:
                 raise
@@ -388,6 +395,7 @@ class RunDriver:
 
     async def _handle(self, item: Input, events: list[Event]) -> None:
         if isinstance(item, _Result):
+            crash_point("result", item.result.index)
             self._on_step_result(item.result, events)
             if item.reply:
                 self._replies.append(item.reply)
@@ -495,6 +503,10 @@ class RunDriver:
         if op is None or op.attempt != t.attempt:
             return
         cmd = op.command
+        if t.reason in ("fire", "deadline") and cmd.deadline and time.time() < cmd.deadline:
+            # The event loop may wake a hair early; a durable timer never fires early.
+            self._arm(op, cmd.deadline, t.reason)
+            return
         if t.reason == "fire":
             self._apply_fresh(TimerFired(index=cmd.index), events)
         elif t.reason == "deadline":
@@ -516,9 +528,9 @@ class RunDriver:
     async def _catch_up_inbox(self, into: list[Event] | None = None) -> None:
         """Process what the durable inbox holds past what we have seen."""
         events: list[Event] = [] if into is None else into
-        async for seq, data in direct_get_subject(self.bus, self.names.runs_stream,
-                                                  self.names.inbox(self.run_id),
-                                                  self._inbox_seq):
+        async for seq, data, _headers in direct_get_subject(
+                self.bus, self.names.runs_stream, self.names.inbox(self.run_id),
+                self._inbox_seq):
             try:
                 message = decode(data, INBOX_ADAPTER)
             except CodecError as exc:
@@ -600,6 +612,7 @@ class RunDriver:
         await self.bus.js.publish(cmd.subject, encode(item),
                                   headers={"Nats-Msg-Id": f"work:{key}:{op.attempt}"})
         op.dispatched = True
+        crash_point("dispatched", cmd.index)
         op.last_heartbeat = time.time()
         if deadline is not None:
             self._arm(op, deadline, "timeout")

@@ -106,6 +106,7 @@ class Orchestrator:
         self._intake = _TaskIntake(self)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = False
+        self._claim_lock = asyncio.Lock()
         self.ready = asyncio.Event()
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -183,16 +184,19 @@ class Orchestrator:
 
     async def _claim_orphans(self, dead_host: str | None = None) -> None:
         """Claim every active run whose owner is us (restarted) or not alive."""
-        for key in await lease_keys(self.bus, "run.*"):
-            run_id = key.partition(".")[2]
-            if run_id in self.drivers:
-                continue
-            found = await self._raw_record(key)
-            if found is None:
-                continue
-            record, revision = found
-            if record.owner == self.owner_id or not await self._host_alive(record.owner):
-                await self._claim(run_id, record, revision)
+        # One sweep at a time: two overlapping sweeps would both see a run we just claimed
+        # as "ours" and claim it again from ourselves.
+        async with self._claim_lock:
+            for key in await lease_keys(self.bus, "run.*"):
+                run_id = key.partition(".")[2]
+                if run_id in self.drivers:
+                    continue
+                found = await self._raw_record(key)
+                if found is None or run_id in self.drivers:
+                    continue
+                record, revision = found
+                if record.owner == self.owner_id or not await self._host_alive(record.owner):
+                    await self._claim(run_id, record, revision)
 
     async def _host_alive(self, host: str) -> bool:
         kv = await self.bus.kv(self.bus.names.leases_bucket)
