@@ -1,7 +1,8 @@
 """``nerve budget show|set|resume|prices`` and ``nerve kill``: the budget from a terminal.
 
 They talk to the ledger in the KV bucket directly, so they work whether or not a budget
-actor runs; ``show`` asks the budget actor first for the live burn rate.
+actor runs; ``show`` asks the budget actor first for the live burn rate. The target is
+``--nats-url`` / ``$NERVE_NATS_URL``, or the running ``nerve up`` found through its data dir.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from typing import Any
 
 from actors import ask, run
 from budget_actor import PRICES, BudgetReport, Ledger, ShowRequest
-from bus import Bus, ConnectOptions, connect
+from bus import Bus
+from cli._target import add_target_args, connect_target
 from nerve import BusError
 
 _WINDOW_FLAGS = ("minute", "hour", "day", "month")
@@ -29,12 +31,6 @@ class _Clear:
 
 
 CLEAR = _Clear()
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--nats-url", default=None,
-                   help="NATS server or cluster (default: $NERVE_NATS_URL)")
-    p.add_argument("--prefix", default=None, help="deployment prefix (default: nerve)")
 
 
 def _usd(value: str) -> float | _Clear:
@@ -52,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     show = bsub.add_parser("show", help="limits, spend, reservations, burn rate, state")
     show.add_argument("--tenant", default=None, help="one tenant (default: every tenant)")
     show.add_argument("--json", action="store_true", help="print JSON")
-    _common(show)
+    add_target_args(show)
     show.set_defaults(func=lambda a: run(_show(a)))
 
     set_ = bsub.add_parser("set", help="change a tenant's limits (NONE clears one)")
@@ -78,14 +74,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     set_.add_argument("--breaker-repeat-llm", type=_int, metavar="N",
                       help="the same LLM request this many times trips")
     set_.add_argument("--by", default=None, help="who is changing it (default: you)")
-    _common(set_)
+    add_target_args(set_)
     set_.set_defaults(func=lambda a: run(_set(a)))
 
     resume = bsub.add_parser("resume", help="let a run the breaker halted reserve again")
     resume.add_argument("--tenant", required=True)
     resume.add_argument("--run", required=True, dest="run_id")
     resume.add_argument("--by", default=None)
-    _common(resume)
+    add_target_args(resume)
     resume.set_defaults(func=lambda a: run(_resume(a)))
 
     prices = bsub.add_parser("prices", help="the price table in use")
@@ -98,7 +94,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     kill.add_argument("--policy", choices=("kill", "pause"), default="kill",
                       help="cancel the tenant's runs (kill) or hold them for a human (pause)")
     kill.add_argument("--by", default=None)
-    _common(kill)
+    add_target_args(kill)
     kill.set_defaults(func=lambda a: run(_kill(a)))
 
 
@@ -112,7 +108,7 @@ def _who(args: argparse.Namespace) -> str:
 
 
 async def _connect(args: argparse.Namespace) -> Bus:
-    return await connect(ConnectOptions.from_env(args.nats_url, prefix=args.prefix))
+    return await connect_target(args, name="nerve-budget-cli")
 
 
 async def _show(args: argparse.Namespace) -> int:
