@@ -43,8 +43,8 @@ def summary_ms(seconds: list[float]) -> dict[str, float]:
 @asynccontextmanager
 async def embedded_bus(sync_always: bool = True, prefix: str = "bench",
                        ) -> AsyncIterator[tuple[EmbeddedNats, Bus]]:
-    server = EmbeddedNats(EmbeddedNatsConfig(store_dir=Path(tempfile.mkdtemp(prefix="nerve-bench-")),
-                                             sync_always=sync_always))
+    store = Path(tempfile.mkdtemp(prefix="nerve-bench-"))
+    server = EmbeddedNats(EmbeddedNatsConfig(store_dir=store, sync_always=sync_always))
     await server.start()
     bus = await connect(ConnectOptions(servers=[server.url], prefix=prefix))
     await provision(bus)
