@@ -32,7 +32,6 @@ acts = ActivityRegistry()
 from workflow import workflows as _default  # noqa: E402
 
 
-
 @acts.register
 async def echo(actx: ActivityContext, text: str) -> str:
     return text.upper()
@@ -174,7 +173,7 @@ async def test_many_runs_at_once_in_one_orchestrator(engine: NerveClient) -> Non
 
 @pytest.mark.timeout(90)
 async def test_a_timer_survives_a_sigkill_and_fires_once(bus: Bus, nats_server: EmbeddedNats,
-                                                         tmp_path) -> None:  # noqa: ANN001
+                                                         tmp_path) -> None:
     client = NerveClient(bus)
 
     async def orchestrator() -> asyncio.subprocess.Process:

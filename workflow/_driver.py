@@ -483,14 +483,18 @@ class RunDriver:
                   "signal_id": sig.signal_id, "source_seq": seq}
         waits = sorted(i for i, op in self._open.items()
                        if op.command.kind == "signal" and op.command.name == sig.name)
-        for index in waits:
-            approves = (self._open[index].command.args or {}).get("approves")
-            if approves and sig.approves != approves:
-                self._apply_fresh(SignalRejected(
-                    **common, reason=f"approval is bound to {sig.approves or 'nothing'}, "
-                                     f"but the waiting step {index} needs {approves}"), events)
-                return
-            self._apply_fresh(SignalReceived(**common, delivered_to=index), events)
+        if waits:
+            # The oldest wait this signal may resolve: one that asks for no particular
+            # approval, or one bound to exactly the tool call this signal approves.
+            for index in waits:
+                approves = (self._open[index].command.args or {}).get("approves")
+                if not approves or approves == sig.approves:
+                    self._apply_fresh(SignalReceived(**common, delivered_to=index), events)
+                    return
+            wanted = sorted({self._open[i].command.args.get("approves") for i in waits})
+            self._apply_fresh(SignalRejected(
+                **common, reason=f"approval is bound to {sig.approves or 'nothing'}, but "
+                                 f"the waiting steps need one of {wanted}"), events)
             return
         if sig.name in self._timed_out_names:
             self._apply_fresh(SignalRejected(
