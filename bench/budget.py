@@ -20,15 +20,12 @@ Runs on its own embedded nats-server (fsync on every write, as deployed).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
 import random
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -36,6 +33,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from actors import run  # noqa: E402
+from bench._common import embedded_bus, parse_args, pct, report  # noqa: E402
 from budget_actor import (  # noqa: E402
     BreakerPolicy,
     BudgetActor,
@@ -45,15 +44,7 @@ from budget_actor import (  # noqa: E402
     kill_notices,
 )
 from budget_actor._state import TenantState  # noqa: E402
-from bus import (  # noqa: E402
-    Bus,
-    ConnectOptions,
-    EmbeddedNats,
-    EmbeddedNatsConfig,
-    Names,
-    connect,
-    provision,
-)
+from bus import Bus, ConnectOptions, Names, connect  # noqa: E402
 from nerve import BudgetExceeded, TenantKilled  # noqa: E402
 
 MODEL = "claude-sonnet-4-5"
@@ -163,11 +154,8 @@ async def kill_latency(bus: Bus, url: str, rounds: int, subscribers: int = 8) ->
             await f.close()
         for b in subs_buses:
             await b.close()
-    samples.sort()
-    return {"rounds": rounds, "subscribers": subscribers,
-            "p50_ms": statistics.median(samples) * 1000,
-            "p99_ms": samples[min(len(samples) - 1, int(len(samples) * 0.99))] * 1000,
-            "max_ms": samples[-1] * 1000}
+    return {"rounds": rounds, "subscribers": subscribers, "p50_ms": pct(samples, 50) * 1000,
+            "p99_ms": pct(samples, 99) * 1000, "max_ms": max(samples) * 1000}
 
 
 async def _agent(ledger: Ledger, tenant: str, run_id: str, estimate_factor: float,
@@ -256,62 +244,59 @@ async def runaway_breaker(bus: Bus, agents: int = 16) -> dict[str, Any]:
 
 async def main(quick: bool) -> dict[str, Any]:
     seconds = 2.0 if quick else 6.0
-    store = Path(tempfile.mkdtemp(prefix="nerve-bench-budget-"))
-    server = EmbeddedNats(EmbeddedNatsConfig(store_dir=store / "nats"))
-    await server.start()
-    results: dict[str, Any] = {"bench": "budget", "quick": quick}
-    try:
-        bus = await connect(ConnectOptions(servers=[server.url], prefix="bench"))
-        await provision(bus)
-        results["raw_cas_writes_per_s"] = await raw_cas(bus, seconds)
-        print(f"raw CAS writes on one key (sequential): {results['raw_cas_writes_per_s']:,.0f}/s")
-        rows = []
+    results: dict[str, Any] = {}
+    async with embedded_bus(prefix="bench") as (server, bus):
+        raw = await raw_cas(bus, seconds)
+        results["raw_cas_writes_per_s"] = round(raw)
+        print(f"raw CAS writes on one key (sequential, the baseline): {raw:,.0f}/s")
         for clients in (1, 8, 64):
             grouped = await throughput(bus, clients, seconds, True)
             single = await throughput(bus, clients, seconds, False)
-            rows.append({"clients": clients, "group_commit": grouped, "one_cas_per_op": single})
-            print(f"reserve+settle, {clients:>2} clients: group commit "
-                  f"{grouped['reservations_per_s']:>7,.0f}/s ({grouped['ops_per_write']:.1f} "
-                  f"ops/write), one CAS per op {single['reservations_per_s']:>7,.0f}/s "
-                  f"({single['conflicts']} conflicts): "
-                  f"x{grouped['reservations_per_s'] / single['reservations_per_s']:.1f}")
-        results["throughput"] = rows
+            g, o = grouped["reservations_per_s"], single["reservations_per_s"]
+            results[f"reservations_per_s_{clients}_clients"] = round(g)
+            results[f"reservations_per_s_{clients}_clients_one_cas_per_op"] = round(o)
+            results[f"ops_per_write_{clients}_clients"] = round(grouped["ops_per_write"], 1)
+            print(f"reserve+settle, {clients:>2} clients: group commit {g:>7,.0f}/s "
+                  f"({grouped['ops_per_write']:.1f} ops/write, {2 * g / raw:.2f}x the raw "
+                  f"CAS rate), one CAS per op {o:>6,.0f}/s ({single['conflicts']} conflicts): "
+                  f"x{g / o:.1f}")
         mp = await multiprocess(bus, server.url, 4, 64, seconds)
-        results["multiprocess"] = mp
+        results["reservations_per_s_64_clients_4_processes"] = round(mp["reservations_per_s"])
+        results["cas_conflicts_64_clients_4_processes"] = mp["conflicts"]
         print(f"reserve+settle, 64 clients in 4 processes: {mp['reservations_per_s']:,.0f}/s "
               f"({mp['conflicts']} CAS conflicts)")
         kl = await kill_latency(bus, server.url, 30 if quick else 100)
-        results["kill_to_stopped"] = kl
-        print(f"kill-to-stopped ({kl['subscribers']} subscribers + ledger refusal, "
+        results["kill_to_stopped_p50_ms"] = round(kl["p50_ms"], 2)
+        results["kill_to_stopped_p99_ms"] = round(kl["p99_ms"], 2)
+        print(f"kill-to-stopped ({kl['subscribers']} subscribers + a gateway's refusal, "
               f"{kl['rounds']} rounds): p50 {kl['p50_ms']:.2f} ms, p99 {kl['p99_ms']:.2f} ms")
-        honest = await runaway_limit(bus, 1.0)
-        low = await runaway_limit(bus, 0.7)
-        results["runaway_limit"] = [honest, low]
-        for r in (honest, low):
-            print(f"runaway into a ${r['limit_usd']} limit, estimates x{r['estimate_factor']}: "
-                  f"spent ${r['spent_usd']:.4f}, overshoot ${r['overshoot_usd']:.4f} "
-                  f"(max in flight ${r['max_in_flight_usd']:.4f})")
+        for factor in (1.0, 0.7):
+            r = await runaway_limit(bus, factor)
+            tag = f"estimates_x{factor}"
+            results[f"runaway_limit_{tag}_overshoot_usd"] = round(r["overshoot_usd"], 6)
+            results[f"runaway_limit_{tag}_spent_usd"] = round(r["spent_usd"], 6)
+            results[f"runaway_limit_{tag}_max_in_flight_usd"] = round(r["max_in_flight_usd"], 6)
+            print(f"runaway into a ${r['limit_usd']} limit, input estimates x{factor}: spent "
+                  f"${r['spent_usd']:.4f} in {r['calls']} calls, overshoot "
+                  f"${r['overshoot_usd']:.4f} (most in flight at once "
+                  f"${r['max_in_flight_usd']:.4f}, overrun of reservations "
+                  f"${r['overrun_usd']:.4f})")
         rb = await runaway_breaker(bus)
-        results["runaway_breaker"] = rb
-        print(f"runaway into the breaker (${rb['threshold_usd_per_10s']}/10 s): tripped at "
+        results["runaway_breaker_spent_after_kill_usd"] = round(rb["spent_after_kill_usd"], 6)
+        results["runaway_breaker_in_flight_at_kill_usd"] = round(rb["in_flight_at_kill_usd"], 6)
+        results["runaway_breaker_within_in_flight"] = rb["within_in_flight"]
+        print(f"runaway into the breaker (${rb['threshold_usd_per_10s']} per 10 s): tripped at "
               f"${rb['burn_at_trip_usd']:.4f}; spent after the kill "
               f"${rb['spent_after_kill_usd']:.4f} <= in flight at the kill "
               f"${rb['in_flight_at_kill_usd']:.4f}: {rb['within_in_flight']}")
-        await bus.close()
-    finally:
-        await server.stop()
     return results
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         url, prefix, tenant, clients, seconds, start_at = sys.argv[2:8]
-        asyncio.run(_worker(url, prefix, tenant, int(clients), float(seconds), float(start_at)))
+        run(_worker(url, prefix, tenant, int(clients), float(seconds), float(start_at)))
         sys.exit(0)
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="short runs (under a minute)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object last")
-    args = parser.parse_args()
-    out = asyncio.run(main(args.quick))
-    if args.json:
-        print(json.dumps(out))
+    args = parse_args(__doc__.splitlines()[0])
+    figures = run(main(args.quick))  # uvloop, as every nerve process runs
+    report("budget", figures, args.json)
