@@ -63,6 +63,10 @@ from nerve._errors import (
 log = logging.getLogger("nerve.budget.ledger")
 
 H_EXPECTED = "Nats-Expected-Last-Subject-Sequence"
+H_TTL = "Nats-TTL"
+# A run's own ledger disappears this long after its last write, so finished runs leave no
+# keys behind; a run idle for longer starts its per-run count again.
+RUN_LEDGER_TTL = f"{35 * 24}h"
 WRONG_LAST_SEQUENCE = (10071, 10164)
 MAX_TOKENS_PER_CALL = 10_000_000
 UNGUARDED_PREFIX = "open"
@@ -94,6 +98,7 @@ class _Committer(Generic[S]):
     create: Callable[[float], S]
     decode: Callable[[bytes], S]
     missing: Callable[[], NerveError]
+    ttl: str | None = None  # a per-message TTL (Nats-TTL) on every write of this key
     pending: list[_Op] = field(default_factory=list)
     cache: _Cached[S] | None = None
     task: asyncio.Task[None] | None = None
@@ -142,8 +147,11 @@ class _Committer(Generic[S]):
 
     async def _write(self, state: S, revision: int) -> int:
         led = self.ledger
+        headers = {H_EXPECTED: str(revision)}
+        if self.ttl:
+            headers[H_TTL] = self.ttl
         ack = await led.bus.js.publish(f"{led.subject_prefix}{self.key}", state.encode(),
-                                       headers={H_EXPECTED: str(revision)})
+                                       headers=headers)
         return ack.seq
 
     async def _commit(self, batch: list[_Op]) -> None:
@@ -286,7 +294,8 @@ class Ledger:
                 create=lambda now: RunState.new(tenant, run_id, now),
                 decode=lambda data: RunState.decode(tenant, run_id, data),
                 missing=lambda: UnknownTenant(f"run {run_id} of tenant {tenant} has no ledger",
-                                              tenant=tenant, run_id=run_id))
+                                              tenant=tenant, run_id=run_id),
+                ttl=RUN_LEDGER_TTL)
         return c
 
     async def close(self) -> None:

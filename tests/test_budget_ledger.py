@@ -351,6 +351,11 @@ async def test_per_run_limits_hold_across_reservations(bus: Bus) -> None:
     await ledger.release(b.id, tenant="pr")
     run = await ledger.run_state("pr", "r1")
     assert run is not None and run.nanos == 18_000_000 and run.open == {}
+    # Run ledgers age out by themselves (a per-message TTL), so finished runs leave no keys.
+    bucket = bus.names.budgets_bucket
+    msg = await bus.js.get_last_msg(f"KV_{bucket}",
+                                    f"$KV.{bucket}.{Names.budget_run_key('pr', 'r1')}")
+    assert (msg.headers or {}).get("Nats-TTL") == "840h"
     await ledger.reserve("pr", run_id="r1", model=MODEL, input_tokens=1000,
                          max_output_tokens=1000)
     with pytest.raises(BudgetExceeded):
