@@ -4,7 +4,8 @@ process (``python -m tests.budget_proc <nats-url> <prefix> <subject>``) answerin
 A program is a list of lanes run concurrently; each lane is a list of operations:
 ``["reserve", input_tokens, max_output_tokens]``, ``["settle", pick, in_frac, out_frac]``
 (settle the ``pick``-th reservation the lane holds, with usage no larger than reserved),
-``["release", pick]``. A lane releases what it still holds when it ends.
+``["release", pick]``, ``["sleep", seconds]``. A lane releases what it still holds when it
+ends.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ async def run_lane(ledger: Ledger, tenant: str, ops: list[list[Any]], out: dict[
             usage = Usage(input_tokens=int(est * op[2]), output_tokens=int(max_out * op[3]))
             s = await ledger.settle(res_id, tenant=tenant, model=MODEL, usage=usage)
             out["settled"].append([res_id, s.cost_nanos, s.status])
+        elif op[0] == "sleep":  # hold what the lane reserved (a slow model call)
+            await asyncio.sleep(op[1])
         elif held and op[0] == "release":
             res_id, _, _ = held.pop(op[1] % len(held))
             out["released"].append([res_id, await ledger.release(res_id, tenant=tenant)])
