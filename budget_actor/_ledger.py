@@ -207,7 +207,11 @@ class _Committer(Generic[S]):
             results = [err] * len(batch)
         except BaseException as exc:
             for op in batch:
-                if not op.future.done():
+                if op.future.done():
+                    continue
+                if not led.coalesce:
+                    op.future.cancel()  # the caller's own commit: it is being cancelled
+                else:  # the shared committer stopped: its waiters must not hang
                     op.future.set_exception(exc if isinstance(exc, Exception)
                                             else LedgerUnavailable("ledger commit cancelled"))
             raise
