@@ -381,7 +381,9 @@ class BudgetActor(Actor[BudgetRequest]):
                 await self.bus.nc.publish(msg.reply, encode(exc.to_wire()), headers=_ERR_HEADERS)
             return
         recorded = False
-        if not await self.ledger.is_killed(notice.tenant):
+        # A notice a ledger published is stored already; re-recording it could revive a
+        # kill that a reset has lifted since (kill and reset notices are not ordered).
+        if not notice.in_ledger and not await self.ledger.is_killed(notice.tenant):
             await self.ledger.kill(notice.tenant, reason=notice.reason, by=notice.by,
                                    policy=notice.policy, source="notice")
             recorded = True

@@ -327,7 +327,7 @@ class Ledger:
             else:
                 notice = KillNotice(tenant=state.tenant, reason=kill.reason, by=kill.by,
                                     at=kill.at, policy=kill.policy, until=kill.until,  # type: ignore[arg-type]
-                                    source=kill.source)  # type: ignore[arg-type]
+                                    source=kill.source, in_ledger=True)  # type: ignore[arg-type]
                 subject = self.names.tenant_kill(state.tenant)
             await self.publish_notice(subject, notice)
 
@@ -603,6 +603,7 @@ class Ledger:
                               tenant=tenant) from None
         kill = KillState(notice.reason, notice.by, notice.at, notice.policy, None, notice.source)
         changed = await self._tenant(tenant).submit(lambda st, now: st.set_kill(kill), "always")
+        notice = notice.model_copy(update={"in_ledger": True})
         if not changed:  # already killed this way: say it again for whoever missed it
             await self.publish_notice(self.names.tenant_kill(tenant), notice)
         return notice

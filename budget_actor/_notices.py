@@ -54,6 +54,9 @@ class KillNotice(BaseModel):
     until: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     source: Literal["manual", "breaker", "exhaustion", "notice"] = "manual"
     notice_id: str = Field(default_factory=new_id, min_length=1, max_length=64)
+    # True when a ledger published it after storing the kill; a kill published by hand
+    # (False) is what the budget actor records in the ledger.
+    in_ledger: bool = False
 
     @field_validator("tenant")
     @classmethod

@@ -347,3 +347,20 @@ async def test_budget_api_sets_limits_and_refuses_bad_input(bus: Bus, actor: Bud
     everyone = await ask(bus, bus.names.budget_api, ShowRequest(), into=list[BudgetReport])
     assert [r.tenant for r in everyone] == ["api"]
     assert "tenant api: OK" in everyone[0].render()
+
+
+async def test_the_actor_does_not_revive_a_kill_that_was_reset(bus: Bus,
+                                                               actor: BudgetActor) -> None:
+    ledger = Ledger(bus)
+    await ledger.set_limits("flip", Limits(usd_per_day=1.0))
+    for _ in range(20):
+        await ledger.kill("flip", reason="oops", by="ops")
+        await ledger.reset("flip", by="ops")
+    # The actor handles kill messages in order: once it answers this one, it has seen the
+    # twenty notices above (and must not have recorded them again after their resets).
+    reply = await bus.nc.request(bus.names.tenant_kill("other"),
+                                 json.dumps({"reason": "marker", "by": "test"}).encode(),
+                                 timeout=5)
+    assert unpack(reply.data)["recorded"] is True
+    assert not await ledger.is_killed("flip")
+    assert await ledger.is_killed("other")
