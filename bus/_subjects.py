@@ -140,9 +140,10 @@ class Names:
         """Request/reply subject of the budget actor (reports, limits, kill, reset)."""
         return f"{self.prefix}.budget.api"
 
-    def cost_event(self, tenant: str = "*") -> str:
-        """One settled LLM call's cost: ``nerve.events.cost.<tenant>`` (published by settle)."""
-        return f"{self.prefix}.events.cost.{self._id(tenant, 'tenant')}"
+    def budget_cost_event(self, tenant: str = "*") -> str:
+        """Charges to a tenant's ledger, batched (published by ``Ledger.settle``; the
+        breaker's burn-rate input): ``nerve.events.budget.cost.<tenant>``."""
+        return f"{self.prefix}.events.budget.cost.{self._id(tenant, 'tenant')}"
 
     @property
     def budget_trip_event(self) -> str:
