@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -153,6 +152,8 @@ class NerveClient:
                    statuses: tuple[str, ...] = TERMINAL) -> RunSummary:
         """Wait until the run reaches one of ``statuses`` (by default: it ended)."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        # Re-read the history when the run publishes a status change (live), and every few
+        # seconds in case a live event was missed.
         sub = await self.bus.nc.subscribe(self.bus.names.stream(run_id))
         try:
             while True:
@@ -162,11 +163,21 @@ class NerveClient:
                         return summary
                 except RunNotFound:
                     pass  # not started yet
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise WorkflowError(f"run {run_id} did not reach {'/'.join(statuses)} "
-                                        f"within {timeout}s", run_id=run_id, retryable=True)
-                with contextlib.suppress(NatsTimeoutError, TimeoutError):
-                    await sub.next_msg(timeout=min(1.0, left) if left is not None else 1.0)
+                poll_until = time.monotonic() + 5.0
+                while True:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise WorkflowError(
+                            f"run {run_id} did not reach {'/'.join(statuses)} within "
+                            f"{timeout}s", run_id=run_id, retryable=True)
+                    wait = min(poll_until - time.monotonic(), left if left is not None else 5.0)
+                    if wait <= 0:
+                        break
+                    try:
+                        msg = await sub.next_msg(timeout=wait)
+                    except (NatsTimeoutError, TimeoutError):
+                        break
+                    if b"status" in msg.data:  # a status event (msgpack keeps the bytes)
+                        break
         finally:
             await sub.unsubscribe()

@@ -92,7 +92,8 @@ class Orchestrator:
 
     def __init__(self, bus: Bus, owner_id: str, *, registry: WorkflowRegistry | None = None,
                  host_ttl: float = 2.0, policies: dict[str, RetryPolicy] | None = None,
-                 sandbox_meta: dict[str, Any] | None = None, spawn_guard: Any = None) -> None:
+                 sandbox_meta: dict[str, Any] | None = None, spawn_guard: Any = None,
+                 accept_tasks: bool = True) -> None:
         check_token("orchestrator id", owner_id)
         self.bus = bus
         self.owner_id = owner_id
@@ -100,6 +101,7 @@ class Orchestrator:
         self.policies = policies or {}
         self.sandbox_meta = sandbox_meta or {}
         self.spawn_guard = spawn_guard  # budget: check_spawn(tenant) before a run starts
+        self.accept_tasks = accept_tasks  # False: only drive runs taken over from peers
         self.host_lease = Lease(bus, bus.names.host_lease(owner_id), owner_id, ttl=host_ttl)
         self.drivers: dict[str, RunDriver] = {}
         self._driver_tasks: dict[str, asyncio.Task[None]] = {}
@@ -122,7 +124,8 @@ class Orchestrator:
         await self.host_lease.wait_acquire(poll=0.2, timeout=max(10.0, 3 * self.host_lease.ttl))
         self.host_lease.keep_alive(on_lost=self._on_lease_lost)
         self._spawn(self._watch())
-        await self._intake.start(self.bus)
+        if self.accept_tasks:
+            await self._intake.start(self.bus)
         self.bus.on_reconnect(self._on_reconnect)
         await self.ready.wait()
         log.info("orchestrator %s ready", self.owner_id)
@@ -156,10 +159,16 @@ class Orchestrator:
         for task in list(self._driver_tasks.values()):
             task.cancel()
         await asyncio.gather(*self._driver_tasks.values(), return_exceptions=True)
-        if not self._stopping:
-            await self.host_lease.wait_acquire(poll=0.2)
-            self.host_lease.keep_alive(on_lost=self._on_lease_lost)
-            await self._claim_orphans()
+        while not self._stopping:
+            try:
+                await self.host_lease.wait_acquire(poll=0.2)
+                self.host_lease.keep_alive(on_lost=self._on_lease_lost)
+                await self._claim_orphans()
+                return
+            except (NatsClientError, TimeoutError, NerveError) as err:
+                log.warning("orchestrator %s: cannot re-acquire its lease yet (%r)",
+                            self.owner_id, err)
+                await asyncio.sleep(1.0)
 
     # -- ownership ------------------------------------------------------------------------------
     async def _watch(self) -> None:
