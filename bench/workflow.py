@@ -25,6 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import itertools
+
 import bench.workflow_defs as defs
 from bench._common import embedded_bus, parse_args, pct, report
 from persistence import RunHistory, RunStarted, StepScheduled
@@ -68,7 +70,7 @@ async def step_overhead(client: NerveClient, steps: int, repeats: int) -> dict[s
         totals.append((time.perf_counter() - t0) / steps)
         assert summary.result == sum(range(steps)), summary
         sched = [e.at for e in await client.history(run_id) if isinstance(e, StepScheduled)]
-        per_step += [b - a for a, b in zip(sched, sched[1:], strict=False)]
+        per_step += [b - a for a, b in itertools.pairwise(sched)]
     direct_s = statistics.median(direct)
     return {
         "step_overhead_p50_ms": round((pct(per_step, 50) - direct_s) * 1000, 3),
