@@ -14,6 +14,7 @@ from nerve._errors import RunNotFound, WorkflowError
 from persistence import (
     CancelMessage,
     Event,
+    ForkSpec,
     PauseMessage,
     ResumeMessage,
     RunBlocked,
@@ -113,6 +114,17 @@ class NerveClient:
             self.bus.names.tasks(tenant), encode_json(request.model_dump(exclude_none=True)),
             headers={"Nats-Msg-Id": f"task:{run_id}", "Content-Type": "application/json"})
         return run_id
+
+    async def fork(self, run_id: str, at: int, *, tenant: str,
+                   new_run_id: str | None = None) -> str:
+        """Start a new run from the first ``at`` events of ``run_id``; returns its id."""
+        check_token("tenant", tenant)
+        new_run_id = new_run_id or new_id("r")
+        request = TaskRequest(run_id=new_run_id, fork=ForkSpec(run_id=run_id, at=at))
+        await self.bus.js.publish(
+            self.bus.names.tasks(tenant), encode_json(request.model_dump(exclude_none=True)),
+            headers={"Nats-Msg-Id": f"task:{new_run_id}", "Content-Type": "application/json"})
+        return new_run_id
 
     async def _to_inbox(self, run_id: str, message: Any, msg_id: str) -> None:
         check_token("run id", run_id)

@@ -562,6 +562,7 @@ class RunDriver:
     async def _flush_outputs(self) -> None:
         """Reply to workers, publish live events, start new steps: only after the commit."""
         nc = self.bus.nc
+        self._start_open_steps()  # arms timers, queues dispatches and status changes
         replies, self._replies = self._replies, []
         for reply in replies:
             with contextlib.suppress(NatsClientError):
@@ -572,7 +573,6 @@ class RunDriver:
         for ev in emits:
             with contextlib.suppress(NatsClientError, asyncio.TimeoutError):
                 await self.bus.js.publish(self.names.stream(self.run_id), encode(ev))
-        self._start_open_steps()
         await self._dispatch_pending()
 
     def _start_open_steps(self) -> None:

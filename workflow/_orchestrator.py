@@ -37,10 +37,11 @@ from nerve._errors import (
     NerveError,
     TaskRejected,
 )
-from persistence import RunHistory, RunStarted, TaskRequest
+from persistence import Event, RunHistory, RunStarted, TaskRequest
 from supervisor import Lease, lease_keys, watch_leases
 from workflow._definition import WorkflowRegistry, workflows
 from workflow._driver import RunDriver, _Reconnected
+from workflow._fork import fork_history
 from workflow._policy import RetryPolicy
 
 log = logging.getLogger("nerve.workflow.orchestrator")
@@ -260,8 +261,9 @@ class Orchestrator:
             if isinstance(raw, str):
                 raw = {"task": raw}
             request = TaskRequest.model_validate(raw)
-            if request.task is None and request.input is None:
-                raise TaskRejected("a task needs \"task\" (text) or \"input\" (an object)")
+            if request.task is None and request.input is None and request.fork is None:
+                raise TaskRejected("a task needs \"task\" (text), \"input\" (an object) or "
+                                   "\"fork\"")
         except (CodecError, ConfigError, TaskRejected) as exc:
             await self.reject(msg, exc.message)
             raise TaskRejected(exc.message) from None
@@ -270,6 +272,19 @@ class Orchestrator:
             await self.reject(msg, reason)
             raise TaskRejected(reason) from None
         run_id = request.run_id or self._run_id_for(tenant, msg)
+        if request.fork is not None:
+            try:
+                if self.spawn_guard is not None:
+                    await self.spawn_guard.check_spawn(tenant)
+                first = await fork_history(self.bus, request.fork, tenant, run_id,
+                                           (msg.headers or {}).get("Nats-Msg-Id"))
+            except NerveError as exc:
+                if exc.retryable:
+                    raise
+                await self.reject(msg, exc.message, run_id=run_id)
+                raise TaskRejected(exc.message) from None
+            await self.start_run(first[0], prefix=first[1:])
+            return run_id
         try:
             definition = self.registry.get(request.workflow, request.version)
             workflow_input = request.input if request.input is not None else {}
@@ -293,10 +308,13 @@ class Orchestrator:
         await self.start_run(started)
         return run_id
 
-    async def start_run(self, started: RunStarted) -> None:
-        """Write the run's first event (idempotent by run id) and take ownership of it."""
+    async def start_run(self, started: RunStarted, prefix: list[Event] | None = None) -> None:
+        """Write the run's first record (idempotent by run id) and take ownership of it.
+
+        ``prefix``: events copied from a parent run after ``RunStarted`` (a fork).
+        """
         history = RunHistory(self.bus, started.run_id)
-        created = await history.create(started)
+        created = await history.create(started, *(prefix or []))
         if not created:
             events = await history.read()
             if events and events[-1].type in ("run_completed", "run_failed", "run_cancelled"):
