@@ -60,6 +60,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     add_target_args(p)
     p.set_defaults(func=lambda a: run(_cancel(a)))
 
+    p = sub.add_parser("fork", help="start a new run from the first N events of a run "
+                                    "(its sandbox starts from the snapshot at that point)")
+    p.add_argument("run_id")
+    p.add_argument("--at", type=int, required=True, help="history index to fork at (1..)")
+    p.add_argument("--wait", action="store_true")
+    p.add_argument("--json", action="store_true")
+    add_target_args(p)
+    p.set_defaults(func=lambda a: run(_fork(a)))
+
     p = sub.add_parser("replay", help="replay a run's history against the current code")
     p.add_argument("run_id")
     p.add_argument("--workflows", action="append", default=[])
@@ -201,6 +210,23 @@ async def _cancel(args: argparse.Namespace) -> int:
     try:
         await NerveClient(bus).history(args.run_id)
         await NerveClient(bus).cancel(args.run_id, args.reason, by="cli")
+        return 0
+    finally:
+        await bus.close()
+
+
+async def _fork(args: argparse.Namespace) -> int:
+    bus = await connect_target(args)
+    try:
+        client = NerveClient(bus)
+        parent = await client.summary(args.run_id)
+        new_id = await client.fork(args.run_id, args.at, tenant=parent.tenant)
+        if args.wait:
+            summary = await client.wait(new_id)
+            print(json.dumps(_summary_dict(summary), default=str) if args.json
+                  else f"{new_id} {summary.status}")
+            return 0 if summary.status == "completed" else 1
+        print(json.dumps({"run_id": new_id}) if args.json else new_id)
         return 0
     finally:
         await bus.close()

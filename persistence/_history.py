@@ -84,12 +84,13 @@ class RunHistory:
                 self.bus, self.bus.names.runs_stream, self.subject, after_seq):
             yield seq, decode_record(data)
 
-    async def create(self, started: RunStarted) -> bool:
-        """Write the first event. False if the run already exists (same id): idempotent start."""
+    async def create(self, started: RunStarted, *more: Event) -> bool:
+        """Write the first record (``started`` and any ``more`` events after it). False if the
+        run already exists (same id): an idempotent start."""
         self.last_seq = 0
         self.length = 0
         try:
-            await self.append(started)
+            await self.append(started, *more)
         except StaleWriterError:
             return False
         return True

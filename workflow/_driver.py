@@ -99,7 +99,12 @@ class _Reconnected:
     pass
 
 
-Input = _Result | _Inbox | _Timer | _Heartbeat | _Reconnected
+@dataclass(slots=True)
+class _Redispatch:
+    index: int
+
+
+Input = _Result | _Inbox | _Timer | _Heartbeat | _Reconnected | _Redispatch
 
 
 @dataclass(slots=True)
@@ -148,6 +153,7 @@ class RunDriver:
         self._deferred: list[_Open] = []
         self._new_commands: list[Command] = []
         self._to_dispatch: list[_Open] = []
+        self._confirms: set[asyncio.Task[None]] = set()
         self._replies: list[str] = []
         self._emits: list[StreamEvent] = []
         self._subs: list[Any] = []
@@ -183,6 +189,8 @@ class RunDriver:
     async def _teardown(self) -> None:
         for op in self._open.values():
             op.cancel_timers()
+        for task in list(self._confirms):
+            task.cancel()
         if self._pending_dispatch_retry is not None:
             self._pending_dispatch_retry.cancel()
         for sub in self._subs:
@@ -407,6 +415,10 @@ class RunDriver:
             self._on_inbox_message(item.message, item.seq, events)
         elif isinstance(item, _Timer):
             await self._on_timer(item, events)
+        elif isinstance(item, _Redispatch):
+            op = self._open.get(item.index)
+            if op is not None and not op.dispatched:
+                self._new_commands.append(op.command)
         elif isinstance(item, _Reconnected):
             await self._catch_up_inbox(into=events)
             for op in self._open.values():
@@ -550,6 +562,7 @@ class RunDriver:
     async def _flush_outputs(self) -> None:
         """Reply to workers, publish live events, start new steps: only after the commit."""
         nc = self.bus.nc
+        self._start_open_steps()  # arms timers, queues dispatches and status changes
         replies, self._replies = self._replies, []
         for reply in replies:
             with contextlib.suppress(NatsClientError):
@@ -560,7 +573,6 @@ class RunDriver:
         for ev in emits:
             with contextlib.suppress(NatsClientError, asyncio.TimeoutError):
                 await self.bus.js.publish(self.names.stream(self.run_id), encode(ev))
-        self._start_open_steps()
         await self._dispatch_pending()
 
     def _start_open_steps(self) -> None:
@@ -613,8 +625,13 @@ class RunDriver:
                         key=key, reply_to=self.names.inbox(self.run_id),
                         result_to=self.names.results(self.run_id), deadline=deadline,
                         meta=cmd.meta)
-        await self.bus.js.publish(cmd.subject, encode(item),
-                                  headers={"Nats-Msg-Id": f"work:{key}:{op.attempt}"})
+        # Not waiting for the work queue's ack keeps a round trip off every step's critical
+        # path; the ack is checked in the background and a lost item is dispatched again.
+        ack = await self.bus.js.publish_async(cmd.subject, encode(item),
+                                              headers={"Nats-Msg-Id": f"work:{key}:{op.attempt}"})
+        confirm = asyncio.create_task(self._confirm_dispatch(op, op.attempt, ack))
+        self._confirms.add(confirm)
+        confirm.add_done_callback(self._confirms.discard)
         op.dispatched = True
         crash_point("dispatched", cmd.index)
         op.last_heartbeat = time.time()
@@ -622,6 +639,17 @@ class RunDriver:
             self._arm(op, deadline, "timeout")
         if policy.heartbeat_timeout:
             self._arm_heartbeat(op, policy.heartbeat_timeout)
+
+    async def _confirm_dispatch(self, op: _Open, attempt: int, ack: asyncio.Future[Any],
+                                ) -> None:
+        try:
+            await asyncio.wait_for(ack, timeout=5.0)
+        except (NatsClientError, TimeoutError) as exc:
+            if self._open.get(op.command.index) is op and op.attempt == attempt:
+                log.warning("run %s: work item for step %s was not stored (%r); dispatching "
+                            "it again", self.run_id, op.command.index, exc)
+                op.dispatched = False
+                self.put(_Redispatch(op.command.index))
 
     def _arm(self, op: _Open, when: float, reason: str) -> None:
         loop = asyncio.get_running_loop()
