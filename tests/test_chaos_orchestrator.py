@@ -117,17 +117,19 @@ async def test_sigkill_at_every_dangerous_point(bus: Bus, procs: OrchestratorPro
 
 async def test_sigkill_at_random_points_many_times(bus: Bus, procs: OrchestratorProcs) -> None:
     client = NerveClient(bus)
-    steps = 40
+    steps = 60  # ~50 ms of work each: about 3 s of steps, cut by a kill every 0.3-1.2 s
     rng = random.Random(20261124)
-    run_id = await client.submit("acme", workflow="chaos", input={"steps": steps})
-    for n in range(10):
+    run_id = await client.submit("acme", workflow="chaos", input={"steps": steps, "work": 0.05})
+    kills = 0
+    for n in range(12):
         proc = await procs.start(f"orch-{n % 3}")
         await asyncio.sleep(rng.uniform(0.3, 1.2))
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGKILL)
-        await proc.wait()
         if (await client.summary(run_id)).done:
             break
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+        kills += 1
+    assert kills >= 3, "the run finished before the chaos started"
     await procs.start("orch-final")
     await check_run(bus, client, run_id, steps, procs.effects)
 
