@@ -34,3 +34,15 @@ async def chaos(ctx: RunContext, inp: dict[str, Any]) -> dict[str, Any]:
         if i == inp.get("sleep_at"):
             await ctx.sleep(inp.get("sleep", 0.5))
     return {"total": total, "token": ctx.uuid()[:8]}
+
+
+@workflow(name="chaos_segments")
+async def chaos_segments(ctx: RunContext, inp: dict[str, Any]) -> dict[str, Any]:
+    """Counts to ``steps`` in segments of ``per_segment`` steps (continue-as-new)."""
+    done, total = inp.get("done", 0), inp.get("total", 0)
+    for i in range(done, min(done + inp["per_segment"], inp["steps"])):
+        total += await ctx.activity(count, i, inp.get("work", 0.0))
+    done = min(done + inp["per_segment"], inp["steps"])
+    if done < inp["steps"]:
+        ctx.continue_as_new({**inp, "done": done, "total": total})
+    return {"total": total, "segments": done // inp["per_segment"]}
