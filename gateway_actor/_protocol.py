@@ -141,12 +141,12 @@ def _check_conversation(request: LLMRequest) -> None:
         dup = sorted({n for n in names if names.count(n) > 1})
         raise bad(f"tool names must be unique, {dup} appear more than once", tools=dup)
     if request.messages[0].role != "user":
-        raise bad("the first message must come from the user", message=0)
+        raise bad("the first message must come from the user", message_index=0)
     pending: list[str] = []  # tool calls of the previous assistant message
     for m, message in enumerate(request.messages):
         blocks = message.blocks()
         if not blocks:
-            raise bad(f"messages[{m}] has no content", message=m)
+            raise bad(f"messages[{m}] has no content", message_index=m)
         answered: set[str] = set()
         calls: list[str] = []
         for b, block in enumerate(blocks):
@@ -154,19 +154,19 @@ def _check_conversation(request: LLMRequest) -> None:
             if isinstance(block, ToolUseBlock):
                 if message.role != "assistant":
                     raise bad(f"{where}: a tool_use block must be in an assistant message",
-                              message=m, block=b)
+                              message_index=m, block=b)
                 calls.append(block.id)
             elif isinstance(block, ToolResultBlock):
                 if message.role != "user":
                     raise bad(f"{where}: a tool_result block must be in a user message",
-                              message=m, block=b)
+                              message_index=m, block=b)
                 if block.tool_use_id not in pending:
                     raise bad(f"{where}: tool_result for {block.tool_use_id!r} answers no "
                               "tool_use of the previous assistant message",
-                              message=m, block=b, tool_use_id=block.tool_use_id)
+                              message_index=m, block=b, tool_use_id=block.tool_use_id)
                 answered.add(block.tool_use_id)
         missing = [c for c in pending if c not in answered]
         if missing:
             raise bad(f"messages[{m}] must answer every tool_use of messages[{m - 1}] with a "
-                      f"tool_result; missing {missing}", message=m, missing=missing)
+                      f"tool_result; missing {missing}", message_index=m, missing=missing)
         pending = calls

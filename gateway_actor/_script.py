@@ -47,8 +47,7 @@ TOOL_READ = "read_file"
 
 _FENCE = re.compile(r"```(?:python|py)?\s*\n(.*?)```", re.DOTALL)
 _ARITH = re.compile(r"[\d(][\d\s+\-*/().%]*[\d)]")
-_READ = re.compile(r"\bread (?:the )?file\s+[`'\"]?([\w./\-]+?)[`'\"]?(?=[\s,.;:!?]|$)",
-                   re.IGNORECASE)
+_READ = re.compile(r"\bread (?:the )?file\s+[`'\"]?([\w./\-]+)", re.IGNORECASE)
 _WORDS = ("the", "agent", "stream", "token", "cache", "prefix", "replica", "budget", "run",
           "history", "sandbox", "snapshot", "actor", "bus", "message", "tool", "result",
           "latency", "durable", "workflow", "replay", "signal", "tenant", "gateway")
@@ -201,7 +200,7 @@ def script_reply(body: dict[str, Any]) -> ScriptedTurn:
 
     read = _READ.search(task)
     if read and TOOL_READ in tools:
-        path = read.group(1)
+        path = read.group(1).rstrip(".")  # a sentence's full stop is not part of it
         if last_call is None:
             return call(f"I'll read {path}.", TOOL_READ, {"path": path})
         text = _result_text((last_result or {}).get("content", ""))
