@@ -3,7 +3,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import signal
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -211,8 +216,6 @@ async def _openai(url: str, payload: dict[str, Any]) -> tuple[dict[str, Any], li
 
 
 async def test_openai_chat_completions_stream_and_not(upstream: LocalUpstream) -> None:
-    import json
-
     payload = {"model": "qwen", "messages": [{"role": "system", "content": SYSTEM},
                                              {"role": "user", "content": "What is 6 * 7?"}],
                "tools": [{"type": "function", "function": {
@@ -240,3 +243,22 @@ async def test_openai_chat_completions_stream_and_not(upstream: LocalUpstream) -
     usage = chunks[-1]["usage"]
     # Automatic prefix caching: the second request reads everything the first one saw.
     assert usage["prompt_tokens_details"]["cached_tokens"] == usage["prompt_tokens"]
+
+
+async def test_nerve_upstream_command_serves_the_sdk() -> None:
+    nerve = str(Path(sys.executable).parent / "nerve")
+    proc = await asyncio.create_subprocess_exec(
+        nerve, "upstream", "--port", "0", "--replicas", "2",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 30)
+        urls = json.loads(line)["urls"]
+        assert len(urls) == 2
+        client = anthropic.AsyncAnthropic(api_key="k", base_url=urls[1], max_retries=0)
+        message = await client.messages.create(**body())
+        await client.close()
+        assert message.content[1].name == "write_file"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
