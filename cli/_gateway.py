@@ -25,6 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--upstreams", default=None,
                    help="like NERVE_LLM_UPSTREAMS: anthropic:http://127.0.0.1:8600,...")
     p.add_argument("--model", default=None, help="default model (NERVE_LLM_MODEL)")
+    p.add_argument("--ack-wait", type=float, default=None,
+                   help="seconds before a silent instance's work item goes to another "
+                        "(default 30)")
     p.set_defaults(func=lambda args: run(_serve(args)))
 
 
@@ -40,7 +43,8 @@ async def _serve(args: argparse.Namespace) -> int:
     config = GatewayConfig.from_env(env)
     bus = await connect(ConnectOptions.from_env(args.nats_url, prefix=args.prefix))
     await provision(bus)
-    actors = [GatewayActor(config, name=f"gateway-{i}") for i in range(args.instances)]
+    actors = [GatewayActor(config, name=f"gateway-{i}", ack_wait=args.ack_wait)
+              for i in range(args.instances)]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

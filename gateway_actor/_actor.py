@@ -71,9 +71,12 @@ class GatewayActor(StepWorker):
     def __init__(self, config: GatewayConfig | None = None, *,
                  ledger: BudgetLedger | None = None, prices: PriceTable | None = None,
                  gateway: Gateway | None = None, name: str | None = None,
-                 worker_id: str | None = None) -> None:
+                 worker_id: str | None = None, ack_wait: float | None = None) -> None:
         super().__init__(name or "gateway",
                          worker_id or f"gateway@{socket.gethostname()}:{os.getpid()}")
+        if ack_wait is not None:
+            # How long a silent (dead) instance holds a work item before another gets it.
+            self.ack_wait = ack_wait  # type: ignore[misc]
         self.gateway = gateway or Gateway(config)
         self.ledger = ledger
         self.prices = prices if prices is not None else default_prices()

@@ -56,7 +56,8 @@ class PoolConfig:
     upstreams: list[UpstreamSpec]
     models: list[str] = field(default_factory=lambda: ["*"])  # globs
     policy: Policy = "affinity"
-    load_factor: float = 1.25
+    load_factor: float = 1.25  # a new run spills over above this x the fair share in flight
+    stay_factor: float = 2.0  # a run with a cached prefix moves only above this
 
     def serves(self, model: str) -> bool:
         return any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
@@ -140,7 +141,8 @@ class GatewayConfig:
                 name=p["name"], provider=p["provider"],
                 upstreams=[UpstreamSpec(**u) for u in p["upstreams"]],
                 models=list(p.get("models", ["*"])), policy=p.get("policy", "affinity"),
-                load_factor=float(p.get("load_factor", 1.25))) for p in data["pools"]]
+                load_factor=float(p.get("load_factor", 1.25)),
+                stay_factor=float(p.get("stay_factor", 2.0))) for p in data["pools"]]
             planner = PlannerConfig(**{k: v for k, v in (data.get("planner") or {}).items()
                                        if k in ("anchor_every", "max_breakpoints")})
             return cls(pools, default_model=data.get("default_model", SCRIPTED_MODEL),

@@ -106,7 +106,8 @@ class Gateway:
                             f"pool {pool.name!r}: upstream {u.name!r} calls Anthropic's API "
                             "but has no key; set ANTHROPIC_API_KEY (or api_key_env)")
             router = Router(upstreams, policy=pool.policy, load_factor=pool.load_factor,
-                            breaker=self.config.breaker, clock=clock)
+                            stay_factor=pool.stay_factor, breaker=self.config.breaker,
+                            clock=clock)
             self.pools[pool.name] = _Pool(pool, router, self._provider(pool.provider))
 
     def _provider(self, kind: str) -> Provider:

@@ -30,7 +30,7 @@ from gateway_actor._protocol import (
     ToolResultBlock,
     ToolUseBlock,
 )
-from gateway_actor._tokens import block_tokens, canonical_json, chain_digest, prompt_blocks
+from gateway_actor._tokens import canonical_json, chain, prompt_blocks
 
 MAX_BREAKPOINTS = 4
 LOOKBACK_BLOCKS = 20
@@ -115,6 +115,9 @@ class CachePlanner:
 
     def __init__(self, config: PlannerConfig | None = None) -> None:
         self.config = config or PlannerConfig()
+        # Lint results per tools+system prefix: the same agent sends the same prefix on
+        # every call, and scanning a long system prompt on each would cost a millisecond.
+        self._volatile_seen: OrderedDict[bytes, list[str]] = OrderedDict()
 
     def plan(self, request: LLMRequest, model: str) -> PlannedCall:
         body: dict[str, Any] = {"model": model, "max_tokens": request.max_tokens}
@@ -137,14 +140,7 @@ class CachePlanner:
 
         blocks = prompt_blocks(body)
         labels = [label for label, _ in blocks]
-        digests: list[bytes] = []
-        cum: list[int] = []
-        digest, total = b"", 0
-        for _, block in blocks:
-            digest = chain_digest(digest, block)
-            total += block_tokens(block)
-            digests.append(digest)
-            cum.append(total)
+        digests, cum = chain([block for _, block in blocks])
 
         n_prefix = len(body.get("tools", [])) + len(body.get("system", []))
         first_message_end = n_prefix + len(body["messages"][0]["content"]) - 1
@@ -156,10 +152,17 @@ class CachePlanner:
             ttl = "1h" if request.expected_gap == "long" else "5m"
             breakpoints = self._breakpoints(n_prefix, cum, self.config.min_cacheable_tokens(model))
             self._mark(body, blocks, breakpoints, ttl)
+        prefix_key = digests[n_prefix - 1] if n_prefix else b""
+        volatile = self._volatile_seen.get(prefix_key)
+        if volatile is None:
+            volatile = self._volatile(request)
+            self._volatile_seen[prefix_key] = volatile
+            if len(self._volatile_seen) > 1024:
+                self._volatile_seen.popitem(last=False)
         return PlannedCall(
             model=model, request=request, body=body, labels=labels, digests=digests,
             cum_tokens=cum, breakpoints=breakpoints, ttl=ttl, affinity_key=affinity_key,
-            volatile=self._volatile(request),
+            volatile=volatile,
         )
 
     def _breakpoints(self, n_prefix: int, cum: list[int], min_tokens: int) -> list[int]:

@@ -8,10 +8,12 @@ holds its prefix:
 * **Rendezvous hashing** on the run's stable prefix (tools, system, first message): every
   gateway, before and after a restart, ranks the upstreams the same way for the same key, so
   affinity needs no shared state.
-* **Bounded load** (consistent hashing with bounded loads, Mirrokni et al. 2018): an
-  upstream that already has more than ``load_factor`` x its fair share of the calls in
-  flight is skipped for the next one in the key's ranking, so a hot spot spills over
-  instead of queueing. The load seen is this gateway's own.
+* **Bounded load** (consistent hashing with bounded loads, Mirrokni et al. 2018): a new run
+  skips an upstream that already has more than ``load_factor`` x its fair share of the calls
+  in flight for the next one in its ranking, so a hot spot spills over instead of queueing.
+  A run whose prefix is already cached somewhere stays there up to ``stay_factor`` x the
+  fair share (moving it costs its whole context again), and a spilled run stays where it
+  spilled to. The load seen is this gateway's own.
 * **Health**: each upstream has a circuit breaker. A refused connection opens it at once,
   server errors after ``failure_threshold`` in a row; an open breaker lets one probe through
   after its cool-down (doubling up to ``max_open``) and closes on success. A 429 or 529
@@ -155,7 +157,7 @@ class Router:
     """Picks upstreams of one pool by policy, tracking load and health."""
 
     def __init__(self, upstreams: list[Upstream], *, policy: Policy = "affinity",
-                 load_factor: float = 1.25, min_load: int = 2,
+                 load_factor: float = 1.25, stay_factor: float = 2.0, min_load: int = 2,
                  breaker: BreakerConfig | None = None,
                  clock: Callable[[], float] = time.monotonic, seed: int | None = None,
                  memory: int = 100_000) -> None:
@@ -167,6 +169,7 @@ class Router:
         self.upstreams = upstreams
         self.policy: Policy = policy
         self.load_factor = load_factor
+        self.stay_factor = max(stay_factor, load_factor)
         self.min_load = min_load
         self.memory = memory
         self.clock = clock
@@ -206,34 +209,47 @@ class Router:
         chosen.breaker.on_pick()
         return chosen
 
-    def _cap(self, u: Upstream, total: int, weight: float) -> int:
-        # Each live upstream may hold up to load_factor x its weighted share of the calls in
+    def _cap(self, u: Upstream, total: int, weight: float, factor: float) -> int:
+        # Each live upstream may hold up to ``factor`` x its weighted share of the calls in
         # flight (this one included). Below ``min_load`` nothing counts as overloaded: at
         # a handful of calls in flight the share is noise, and moving a run costs its cache.
-        return max(self.min_load, math.ceil(self.load_factor * total * u.weight / weight))
+        return max(self.min_load, math.ceil(factor * total * u.weight / weight))
 
     def _bounded(self, key: bytes, live: list[Upstream]) -> Upstream:
         total = sum(u.in_flight for u in self.upstreams) + 1
         weight = sum(u.weight for u in live)
+        home = max(self.upstreams, key=lambda u: rendezvous_score(key, u))
         placed = self._placed.get(key)
-        if placed is not None and placed[1]:
-            # A run that spilled over stays where its prefix now is, while that has room.
+        if placed is not None:
+            # The run's prefix is cached where its last call went: it stays there unless
+            # that upstream is clearly overloaded (stay_factor), because moving re-computes
+            # the whole context. A run that went elsewhere only because home was down goes
+            # home as soon as home is back and has room.
             current = next((u for u in live if u.name == placed[0]), None)
-            if current is not None and current.in_flight < self._cap(current, total, weight):
+            displaced = current is not home and not placed[1]
+            if displaced and home in live and \
+                    home.in_flight < self._cap(home, total, weight, self.load_factor):
+                return self._place(key, home, spilled=False)
+            if current is not None and \
+                    current.in_flight < self._cap(current, total, weight, self.stay_factor):
                 self._placed.move_to_end(key)
                 return current
-        home = max(self.upstreams, key=lambda u: rendezvous_score(key, u))
+        # A new run (or one whose upstream is gone or overloaded): its rendezvous ranking,
+        # skipping upstreams above load_factor x their share (bounded-load hashing).
         ranked = sorted(live, key=lambda u: rendezvous_score(key, u), reverse=True)
-        chosen = next((u for u in ranked if u.in_flight < self._cap(u, total, weight)),
+        chosen = next((u for u in ranked
+                       if u.in_flight < self._cap(u, total, weight, self.load_factor)),
                       ranked[0])
         # Spilled (home alive but full) runs stick to their new place; failed-over runs
         # (home unavailable) go home as soon as it is back.
-        spilled = chosen is not home and home in live
-        self._placed[key] = (chosen.name, spilled)
+        return self._place(key, chosen, spilled=chosen is not home and home in live)
+
+    def _place(self, key: bytes, upstream: Upstream, *, spilled: bool) -> Upstream:
+        self._placed[key] = (upstream.name, spilled)
         self._placed.move_to_end(key)
         while len(self._placed) > self.memory:
             self._placed.popitem(last=False)
-        return chosen
+        return upstream
 
     @contextmanager
     def using(self, upstream: Upstream) -> Iterator[Upstream]:

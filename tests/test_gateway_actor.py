@@ -4,8 +4,10 @@ on ``nerve.stream.<run_id>``, cost events, budget reservations, the tenant kill-
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +17,7 @@ from budget_actor import Usage
 from bus import Bus
 from gateway_actor import (
     CostEvent,
+    Fault,
     GatewayActor,
     GatewayConfig,
     LLMRequest,
@@ -86,6 +89,7 @@ class StandInLedger:
 
 # -- helpers ------------------------------------------------------------------------------
 async def start(bus: Bus, config: GatewayConfig, **kwargs: Any) -> GatewayActor:
+    """A gateway actor on ``bus`` (``kwargs`` go to :class:`GatewayActor`)."""
     actor = GatewayActor(config, **kwargs)
     await actor.start(bus)
     return actor
@@ -264,6 +268,31 @@ async def test_budget_is_reserved_before_and_settled_after(bus: Bus) -> None:
         await actor.stop()
 
 
+async def test_a_stream_cut_and_retried_is_charged_once(bus: Bus,
+                                                         upstream: LocalUpstream) -> None:
+    ledger = StandInLedger()
+    actor = await start(bus, GatewayConfig.for_urls(upstream.urls[:1], model="claude-test"),
+                        ledger=ledger, prices=StandInPrices())
+    upstream.replica(0).inject(Fault("midstream", after_events=10))
+    try:
+        async with Watch(bus, "run-m") as watch:
+            await submit(bus, item(bus, "run-m", llm_args("[scripted:long 60] go")))
+            result = await watch.result()
+        assert result.ok
+        response = LLMResponse.model_validate(result.result)
+        assert response.attempts == 2 and upstream.replica(0).stats.requests == 2
+        kinds = [k for k, _ in ledger.calls]
+        assert kinds == ["reserve", "settle"]  # one reservation, settled once
+        assert ledger.calls[1][1]["usage"] == response.usage
+        text = ""
+        for data in watch.tokens:
+            text = text[: data["offset"]] + data["text"]
+        assert text == response.text
+        assert sum(len(t["text"]) for t in watch.tokens) == len(response.text)
+    finally:
+        await actor.stop()
+
+
 async def test_a_tenant_kill_cuts_its_in_flight_stream(bus: Bus) -> None:
     async with LocalUpstream(UpstreamConfig(decode_per_token=0.002)) as up:
         ledger = StandInLedger()
@@ -303,3 +332,48 @@ async def test_a_tenant_kill_cuts_its_in_flight_stream(bus: Bus) -> None:
                 assert (await after.result()).ok
         finally:
             await actor.stop()
+
+
+@pytest.mark.timeout(90)
+async def test_a_gateway_killed_mid_stream_loses_nothing_and_shows_nothing_twice(
+        bus: Bus, nats_server: Any, prefix: str) -> None:
+    """SIGKILL a gateway process while it streams; another instance takes the work item
+    over: one result, and the client's view (``text[:offset] + chunk``) is the answer, once."""
+    async with LocalUpstream(UpstreamConfig(decode_per_token=0.003)) as up:
+        nerve = str(Path(sys.executable).parent / "nerve")
+        proc = await asyncio.create_subprocess_exec(
+            nerve, "gateway", "--nats-url", nats_server.url, "--prefix", prefix,
+            "--upstreams", f"anthropic:{up.urls[0]}", "--model", "claude-test",
+            "--ack-wait", "2", stderr=asyncio.subprocess.PIPE)
+        survivor: GatewayActor | None = None
+        try:
+            assert proc.stderr is not None
+            ready = await asyncio.wait_for(proc.stderr.readline(), 30)
+            assert b"gateway actor(s) on" in ready
+            async with Watch(bus, "run-x") as watch:
+                await submit(bus, item(bus, "run-x", llm_args("[scripted:long 200] go")))
+                await asyncio.wait_for(watch.first_token.wait(), 30)
+                proc.kill()  # SIGKILL: no goodbye, the work item stays unacked
+                await proc.wait()
+                cut_at = len(watch.tokens)
+                survivor = await start(bus, GatewayConfig.for_urls(up.urls, model="claude-test"),
+                                       ack_wait=2.0)
+                result = await watch.result(60)
+            assert result.ok, result.error
+            response = LLMResponse.model_validate(result.result)
+            assert len(response.text.split()) == 200
+            assert cut_at > 0 and watch.tokens[cut_at]["offset"] == 0  # the survivor restarts
+            text = ""
+            for data in watch.tokens:
+                text = text[: data["offset"]] + data["text"]
+            assert text == response.text
+            assert up.replica(0).stats.requests == 2 and up.replica(0).stats.disconnects == 1
+            inbox = bus.names.inbox("run-x")
+            info = await bus.js.stream_info(bus.names.runs_stream, subjects_filter=inbox)
+            assert (info.state.subjects or {}).get(inbox) == 1  # one result for the step
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            if survivor is not None:
+                await survivor.stop()

@@ -38,7 +38,7 @@ from aiohttp import web
 
 from gateway_actor._openai_wire import STOP_TO_FINISH, from_openai
 from gateway_actor._script import ScriptedTurn, script_reply
-from gateway_actor._tokens import block_tokens, canonical_json, chain_digest, prompt_blocks
+from gateway_actor._tokens import canonical_json, chain, prompt_blocks
 from gateway_actor._upstream._cache import CacheResult, PrefixCache
 
 log = logging.getLogger("nerve.upstream")
@@ -129,8 +129,10 @@ class Replica:
         self.cache = PrefixCache(config.capacity_tokens)
         self.stats = ReplicaStats()
         self.faults: collections.deque[Fault] = collections.deque()
-        # (message id, server-side milliseconds) of recent answers, for the bench.
-        self.timings: collections.deque[tuple[str, float]] = collections.deque(maxlen=200_000)
+        # (message id, server-side milliseconds to the end, and to the first token) of recent
+        # answers, for the benchmark; the time to first token includes queueing for a slot.
+        self.timings: collections.deque[tuple[str, float, float]] = collections.deque(
+            maxlen=200_000)
         self._slots = asyncio.Semaphore(config.max_concurrency) if config.max_concurrency \
             else None
         self._runner: web.AppRunner | None = None
@@ -304,15 +306,7 @@ class Replica:
             self._error_stat(exc.status)
             return _anthropic_error(exc, rid)
 
-        blocks = prompt_blocks(body)
-        digests: list[bytes] = []
-        cum: list[int] = []
-        digest, total = b"", 0
-        for _, block in blocks:
-            digest = chain_digest(digest, block)
-            total += block_tokens(block)
-            digests.append(digest)
-            cum.append(total)
+        digests, cum = chain([block for _, block in prompt_blocks(body)])
         self.stats.breakpoints_max = max(self.stats.breakpoints_max, len(breakpoints))
         msg_id = "msg_" + rid[4:]
         async with self._serving():
@@ -323,11 +317,12 @@ class Replica:
             wait = self._latency(usage.uncached)
             if wait > 0:
                 await asyncio.sleep(wait)
+            ttft = (time.perf_counter() - started) * 1000
             if not stream:
                 await self._decode_pause("x" * 4 * turn.output_tokens)
                 self._account(usage, turn.output_tokens)
                 self.stats.ok += 1
-                self.timings.append((msg_id, (time.perf_counter() - started) * 1000))
+                self.timings.append((msg_id, (time.perf_counter() - started) * 1000, ttft))
                 return web.json_response(
                     _anthropic_message(msg_id, body["model"], turn, usage, final=True),
                     headers={"request-id": rid})
@@ -347,7 +342,7 @@ class Replica:
             if done:
                 self._account(usage, turn.output_tokens)
                 self.stats.ok += 1
-            self.timings.append((msg_id, (time.perf_counter() - started) * 1000))
+            self.timings.append((msg_id, (time.perf_counter() - started) * 1000, ttft))
             return resp
 
     async def _anthropic_sse(self, resp: web.StreamResponse, msg_id: str, model: str,
@@ -455,14 +450,7 @@ class Replica:
         if oa.get("tools"):
             units.append({"tools": oa["tools"]})
         units.extend(oa["messages"])
-        digests: list[bytes] = []
-        cum: list[int] = []
-        digest, total = b"", 0
-        for unit in units:
-            digest = chain_digest(digest, unit)
-            total += block_tokens(unit)
-            digests.append(digest)
-            cum.append(total)
+        digests, cum = chain(units)
         chat_id = "chatcmpl-" + rid[4:]
         async with self._serving():
             usage = self.cache.process(digests, cum, [(i, "1h") for i in range(len(units))],
@@ -471,6 +459,7 @@ class Replica:
             wait = self._latency(usage.uncached)
             if wait > 0:
                 await asyncio.sleep(wait)
+            ttft = (time.perf_counter() - started) * 1000
             oa_usage = {"prompt_tokens": usage.total, "completion_tokens": turn.output_tokens,
                         "total_tokens": usage.total + turn.output_tokens,
                         "prompt_tokens_details": {"cached_tokens": usage.read}}
@@ -480,7 +469,7 @@ class Replica:
                 await self._decode_pause("x" * 4 * turn.output_tokens)
                 self._account(usage, turn.output_tokens)
                 self.stats.ok += 1
-                self.timings.append((chat_id, (time.perf_counter() - started) * 1000))
+                self.timings.append((chat_id, (time.perf_counter() - started) * 1000, ttft))
                 message: dict[str, Any] = {"role": "assistant",
                                            "content": "".join(b["text"] for b in turn.content
                                                               if b["type"] == "text") or None}
@@ -510,7 +499,7 @@ class Replica:
             if done:
                 self._account(usage, turn.output_tokens)
                 self.stats.ok += 1
-            self.timings.append((chat_id, (time.perf_counter() - started) * 1000))
+            self.timings.append((chat_id, (time.perf_counter() - started) * 1000, ttft))
             return resp
 
     async def _openai_sse(self, resp: web.StreamResponse, chat_id: str, model: str,
