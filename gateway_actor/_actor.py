@@ -221,7 +221,8 @@ class GatewayActor(StepWorker):
                     if consumed:
                         assert usage is not None
                         settled = await self.ledger.settle(reservation.id, tenant=item.tenant,
-                                                           model=model, usage=usage)
+                                                           model=model, usage=usage,
+                                                           run_id=item.run_id)
                         cost = getattr(settled, "cost_usd", None)
                     else:
                         await self.ledger.release(reservation.id, tenant=item.tenant)

@@ -12,6 +12,7 @@ import logging
 from typing import Any, Protocol
 
 from budget_actor import Usage
+from nerve._errors import NerveError
 
 log = logging.getLogger("nerve.gateway.budget")
 
@@ -28,8 +29,8 @@ class BudgetLedger(Protocol):
     async def reserve(self, tenant: str, *, run_id: str, model: str, input_tokens: int,
                       max_output_tokens: int, key: str) -> Any: ...
 
-    async def settle(self, reservation_id: str, *, tenant: str, model: str,
-                     usage: Usage) -> Any: ...
+    async def settle(self, reservation_id: str, *, tenant: str, model: str, usage: Usage,
+                     run_id: str | None = None) -> Any: ...
 
     async def release(self, reservation_id: str, *, tenant: str) -> Any: ...
 
@@ -60,6 +61,6 @@ def cost_of(prices: PriceTable | None, model: str, usage: Usage) -> float | None
         return None
     try:
         return float(prices.cost(model, usage))
-    except (KeyError, LookupError, ValueError) as exc:
+    except (KeyError, LookupError, ValueError, NerveError) as exc:  # UnknownModel, say
         log.debug("no price for %s: %r", model, exc)
         return None

@@ -77,7 +77,7 @@ class StandInLedger:
         return res
 
     async def settle(self, reservation_id: str, *, tenant: str, model: str,
-                     usage: Usage) -> _Settlement:
+                     usage: Usage, run_id: str | None = None) -> _Settlement:
         self.calls.append(("settle", dict(id=reservation_id, usage=usage)))
         cost = StandInPrices().cost(model, usage)
         self.spent += cost
