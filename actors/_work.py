@@ -96,7 +96,9 @@ class StepWorker(Actor[WorkItem]):
     ack_wait: ClassVar[float] = 30.0
     max_deliver: ClassVar[int] = 20
     recent_results: ClassVar[int] = 4096
-    reply_timeout: ClassVar[float] = 5.0
+    # How long the owner may take to record a result before we store it durably instead
+    # (it may have died holding our request). Short: a takeover waits on it.
+    reply_timeout: ClassVar[float] = 1.0
 
     def __init__(self, name: str | None = None, worker_id: str | None = None) -> None:
         super().__init__(name)

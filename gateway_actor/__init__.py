@@ -30,6 +30,7 @@ from gateway_actor._router import BreakerConfig, CircuitBreaker, Router, Upstrea
 from gateway_actor._script import (
     LONG_MARKER,
     LOOP_MARKER,
+    REPEAT_MARKER,
     TOOL_READ,
     TOOL_RUN,
     TOOL_WRITE,
@@ -42,6 +43,7 @@ from gateway_actor._upstream import Fault, LocalUpstream, UpstreamConfig
 __all__ = [
     "LONG_MARKER",
     "LOOP_MARKER",
+    "REPEAT_MARKER",
     "TOOL_READ",
     "TOOL_RUN",
     "TOOL_WRITE",

@@ -18,8 +18,11 @@ request names:
 
 Markers in the task change the behaviour (for tests of other parts):
 
-* ``[scripted:loop]``: never finishes; every turn calls ``run(command="echo again")``
-  (or the first tool there is), for the runaway breaker.
+* ``[scripted:loop]``: never finishes; turn n calls ``run(command="echo again n")`` (or the
+  first tool there is): a runaway that spends without repeating itself, for the budget's
+  burn-rate breaker.
+* ``[scripted:repeat]``: never finishes; every turn makes the very same call,
+  ``run(command="echo again")``, for repeated-call detection.
 * ``[scripted:long N]``: answers at once with a deterministic text of N words (SSE tests).
 * ``[scripted:echo]``: answers with the text of the last user message.
 
@@ -38,6 +41,7 @@ from typing import Any
 from gateway_actor._tokens import estimate_tokens
 
 LOOP_MARKER = "[scripted:loop]"
+REPEAT_MARKER = "[scripted:repeat]"
 LONG_MARKER = re.compile(r"\[scripted:long\s+(\d+)\]")
 ECHO_MARKER = "[scripted:echo]"
 
@@ -170,9 +174,11 @@ def script_reply(body: dict[str, Any]) -> ScriptedTurn:
             {"type": "tool_use", "id": _tool_id(task, turn, name), "name": name, "input": args},
         ], "tool_use")
 
-    if LOOP_MARKER in task:
+    looping, repeating = LOOP_MARKER in task, REPEAT_MARKER in task
+    if looping or repeating:
+        command = "echo again" if repeating else f"echo again {turn + 1}"
         if TOOL_RUN in tools:
-            return call("Trying again.", TOOL_RUN, {"command": "echo again"})
+            return call("Trying again.", TOOL_RUN, {"command": command})
         if tools:
             return call("Trying again.", sorted(tools)[0], {})
         return answer("I would loop, but no tool is available.")

@@ -93,7 +93,9 @@ class Lease:
         record = LeaseRecord(self.holder, self._acquired_at or now, now, self.ttl, self.data)
         headers = {H_TTL: f"{int(self.ttl * 1000)}ms", H_EXPECTED: str(expected)}
         started = time.monotonic()
-        ack = await self.bus.js.publish(self._subject(), record.encode(), headers=headers)
+        # Waiting longer than the TTL is pointless: the lease would have lapsed anyway.
+        ack = await self.bus.js.publish(self._subject(), record.encode(), headers=headers,
+                                        timeout=max(1.0, self.ttl / 2))
         # Count validity from before the write: the server's clock started no earlier.
         self._valid_until = started + self.ttl
         return ack.seq

@@ -106,12 +106,15 @@ async def test_without_tools_it_answers_in_text(tmp_path: Path) -> None:
     assert "print(1 + 1)" in turns[0].text
 
 
-async def test_the_loop_marker_never_finishes(tmp_path: Path) -> None:
+async def test_the_loop_markers_never_finish(tmp_path: Path) -> None:
     turns = await agent("[scripted:loop] spin", tmp_path, turns=12)
-    assert len(turns) == 12
-    assert all(t.stop_reason == "tool_use" and t.tool_uses[0].input == {"command": "echo again"}
-               for t in turns)
+    assert len(turns) == 12 and all(t.stop_reason == "tool_use" for t in turns)
+    assert [t.tool_uses[0].input["command"] for t in turns] == [
+        f"echo again {n}" for n in range(1, 13)]  # spends without repeating itself
     assert len({t.tool_uses[0].id for t in turns}) == 12
+    same = await agent("[scripted:repeat] spin", tmp_path, turns=5)
+    assert len(same) == 5
+    assert all(t.tool_uses[0].input == {"command": "echo again"} for t in same)
 
 
 def test_the_long_marker_and_limits() -> None:
@@ -147,7 +150,7 @@ def test_bad_conversations_are_invalid_requests(bad: dict[str, Any], why: str) -
 
 def test_the_public_api_is_pinned() -> None:
     assert sorted(gateway_actor.__all__) == sorted([
-        "LONG_MARKER", "LOOP_MARKER", "TOOL_READ", "TOOL_RUN", "TOOL_WRITE",
+        "LONG_MARKER", "LOOP_MARKER", "REPEAT_MARKER", "TOOL_READ", "TOOL_RUN", "TOOL_WRITE",
         "AnthropicProvider", "Attempt", "BreakerConfig", "BudgetLedger", "CachePlanner",
         "CallRecord", "CircuitBreaker", "ContentBlock", "CostEvent", "Fault", "Gateway",
         "GatewayActor", "GatewayConfig", "LLMRequest", "LLMResponse", "LocalUpstream",

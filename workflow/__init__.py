@@ -1,6 +1,7 @@
 """The state: the durable workflow engine, the orchestrator, activities and the agent loop."""
 
 from workflow._activity import ActivityContext, ActivityWorker
+from workflow._agent import AgentInput, call_digest
 from workflow._client import NerveClient, RunSummary, summarize
 from workflow._context import RunContext, SandboxSteps
 from workflow._definition import (
@@ -22,6 +23,7 @@ __all__ = [
     "ActivityContext",
     "ActivityRegistry",
     "ActivityWorker",
+    "AgentInput",
     "InstanceState",
     "NerveClient",
     "Orchestrator",
@@ -37,6 +39,7 @@ __all__ = [
     "WorkflowSandboxViolation",
     "activities",
     "activity",
+    "call_digest",
     "summarize",
     "workflow",
     "workflows",

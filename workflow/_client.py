@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +14,7 @@ from nerve._errors import RunNotFound, WorkflowError
 from persistence import (
     CancelMessage,
     Event,
+    ForkSpec,
     PauseMessage,
     ResumeMessage,
     RunBlocked,
@@ -115,6 +115,17 @@ class NerveClient:
             headers={"Nats-Msg-Id": f"task:{run_id}", "Content-Type": "application/json"})
         return run_id
 
+    async def fork(self, run_id: str, at: int, *, tenant: str,
+                   new_run_id: str | None = None) -> str:
+        """Start a new run from the first ``at`` events of ``run_id``; returns its id."""
+        check_token("tenant", tenant)
+        new_run_id = new_run_id or new_id("r")
+        request = TaskRequest(run_id=new_run_id, fork=ForkSpec(run_id=run_id, at=at))
+        await self.bus.js.publish(
+            self.bus.names.tasks(tenant), encode_json(request.model_dump(exclude_none=True)),
+            headers={"Nats-Msg-Id": f"task:{new_run_id}", "Content-Type": "application/json"})
+        return new_run_id
+
     async def _to_inbox(self, run_id: str, message: Any, msg_id: str) -> None:
         check_token("run id", run_id)
         await self.bus.js.publish(self.bus.names.inbox(run_id), encode(message),
@@ -153,6 +164,8 @@ class NerveClient:
                    statuses: tuple[str, ...] = TERMINAL) -> RunSummary:
         """Wait until the run reaches one of ``statuses`` (by default: it ended)."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        # Re-read the history when the run publishes a status change (live), and every few
+        # seconds in case a live event was missed.
         sub = await self.bus.nc.subscribe(self.bus.names.stream(run_id))
         try:
             while True:
@@ -162,11 +175,21 @@ class NerveClient:
                         return summary
                 except RunNotFound:
                     pass  # not started yet
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise WorkflowError(f"run {run_id} did not reach {'/'.join(statuses)} "
-                                        f"within {timeout}s", run_id=run_id, retryable=True)
-                with contextlib.suppress(NatsTimeoutError, TimeoutError):
-                    await sub.next_msg(timeout=min(1.0, left) if left is not None else 1.0)
+                poll_until = time.monotonic() + 5.0
+                while True:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise WorkflowError(
+                            f"run {run_id} did not reach {'/'.join(statuses)} within "
+                            f"{timeout}s", run_id=run_id, retryable=True)
+                    wait = min(poll_until - time.monotonic(), left if left is not None else 5.0)
+                    if wait <= 0:
+                        break
+                    try:
+                        msg = await sub.next_msg(timeout=wait)
+                    except (NatsTimeoutError, TimeoutError):
+                        break
+                    if b"status" in msg.data:  # a status event (msgpack keeps the bytes)
+                        break
         finally:
             await sub.unsubscribe()

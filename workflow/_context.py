@@ -85,8 +85,12 @@ class RunContext:
         self.workflow = started.workflow
         self.version = started.version
         self.labels = dict(started.labels)
-        self.sandbox = SandboxSteps(self, sandbox_id=str(
-            (started.forked_from or {}).get("sandbox_id") or started.run_id))
+        fork = started.forked_from or {}
+        self.sandbox = SandboxSteps(self, sandbox_id=str(fork.get("sandbox_id") or started.run_id))
+        if fork:
+            # A fork's sandbox starts from the parent's workspace at the fork point.
+            self._sandbox_meta = {**self._sandbox_meta, "fork_of": {
+                "sandbox_id": fork.get("parent_sandbox_id"), "step_index": fork.get("step_index")}}
 
     def _policy(self, kind: str, override: RetryPolicy | None = None) -> RetryPolicy:
         return override or self._policies[kind]

@@ -53,10 +53,12 @@ from persistence import (
     SignalTimedOut,
     StepCompleted,
     StepFailed,
+    StepScheduled,
     StreamEvent,
     TimerFired,
     direct_get_subject,
 )
+from workflow._chaos import crash_point
 from workflow._context import RunContext
 from workflow._instance import Command, InstanceState, WorkflowInstance
 from workflow._policy import DEFAULT_POLICIES, RetryPolicy
@@ -97,7 +99,12 @@ class _Reconnected:
     pass
 
 
-Input = _Result | _Inbox | _Timer | _Heartbeat | _Reconnected
+@dataclass(slots=True)
+class _Redispatch:
+    index: int
+
+
+Input = _Result | _Inbox | _Timer | _Heartbeat | _Reconnected | _Redispatch
 
 
 @dataclass(slots=True)
@@ -128,7 +135,7 @@ class RunDriver:
         self.run_id = run_id
         self.epoch = epoch
         self.takeover = takeover
-        self.history = RunHistory(self.bus, run_id)
+        self.history = RunHistory(self.bus, run_id, writer=f"{orchestrator.owner_id}:{epoch}")
         self.instance: WorkflowInstance | None = None
         self.started: RunStarted | None = None
         self.status = "starting"
@@ -146,6 +153,7 @@ class RunDriver:
         self._deferred: list[_Open] = []
         self._new_commands: list[Command] = []
         self._to_dispatch: list[_Open] = []
+        self._confirms: set[asyncio.Task[None]] = set()
         self._replies: list[str] = []
         self._emits: list[StreamEvent] = []
         self._subs: list[Any] = []
@@ -181,6 +189,8 @@ class RunDriver:
     async def _teardown(self) -> None:
         for op in self._open.values():
             op.cancel_timers()
+        for task in list(self._confirms):
+            task.cancel()
         if self._pending_dispatch_retry is not None:
             self._pending_dispatch_retry.cancel()
         for sub in self._subs:
@@ -229,7 +239,9 @@ class RunDriver:
             return False
         self.started = events[0]
         if events[-1].type in TERMINAL_TYPES:
+            # It ended but its record outlived it (the owner died right after the end).
             self.status = events[-1].type.removeprefix("run_")
+            await self.orch.release_run(self.run_id)
             return False
         if self.takeover:
             # Fence first: any append by the previous owner now fails.
@@ -377,6 +389,9 @@ class RunDriver:
         for attempt in range(1, 6):
             try:
                 await self.history.append(*events)
+                for ev in events:
+                    if isinstance(ev, StepScheduled):
+                        crash_point("scheduled", ev.index)
                 return
             except StaleWriterError:
                 raise
@@ -388,6 +403,7 @@ class RunDriver:
 
     async def _handle(self, item: Input, events: list[Event]) -> None:
         if isinstance(item, _Result):
+            crash_point("result", item.result.index)
             self._on_step_result(item.result, events)
             if item.reply:
                 self._replies.append(item.reply)
@@ -399,6 +415,10 @@ class RunDriver:
             self._on_inbox_message(item.message, item.seq, events)
         elif isinstance(item, _Timer):
             await self._on_timer(item, events)
+        elif isinstance(item, _Redispatch):
+            op = self._open.get(item.index)
+            if op is not None and not op.dispatched:
+                self._new_commands.append(op.command)
         elif isinstance(item, _Reconnected):
             await self._catch_up_inbox(into=events)
             for op in self._open.values():
@@ -475,14 +495,18 @@ class RunDriver:
                   "signal_id": sig.signal_id, "source_seq": seq}
         waits = sorted(i for i, op in self._open.items()
                        if op.command.kind == "signal" and op.command.name == sig.name)
-        for index in waits:
-            approves = (self._open[index].command.args or {}).get("approves")
-            if approves and sig.approves != approves:
-                self._apply_fresh(SignalRejected(
-                    **common, reason=f"approval is bound to {sig.approves or 'nothing'}, "
-                                     f"but the waiting step {index} needs {approves}"), events)
-                return
-            self._apply_fresh(SignalReceived(**common, delivered_to=index), events)
+        if waits:
+            # The oldest wait this signal may resolve: one that asks for no particular
+            # approval, or one bound to exactly the tool call this signal approves.
+            for index in waits:
+                approves = (self._open[index].command.args or {}).get("approves")
+                if not approves or approves == sig.approves:
+                    self._apply_fresh(SignalReceived(**common, delivered_to=index), events)
+                    return
+            wanted = sorted({self._open[i].command.args.get("approves") for i in waits})
+            self._apply_fresh(SignalRejected(
+                **common, reason=f"approval is bound to {sig.approves or 'nothing'}, but "
+                                 f"the waiting steps need one of {wanted}"), events)
             return
         if sig.name in self._timed_out_names:
             self._apply_fresh(SignalRejected(
@@ -495,6 +519,10 @@ class RunDriver:
         if op is None or op.attempt != t.attempt:
             return
         cmd = op.command
+        if t.reason in ("fire", "deadline") and cmd.deadline and time.time() < cmd.deadline:
+            # The event loop may wake a hair early; a durable timer never fires early.
+            self._arm(op, cmd.deadline, t.reason)
+            return
         if t.reason == "fire":
             self._apply_fresh(TimerFired(index=cmd.index), events)
         elif t.reason == "deadline":
@@ -516,9 +544,9 @@ class RunDriver:
     async def _catch_up_inbox(self, into: list[Event] | None = None) -> None:
         """Process what the durable inbox holds past what we have seen."""
         events: list[Event] = [] if into is None else into
-        async for seq, data in direct_get_subject(self.bus, self.names.runs_stream,
-                                                  self.names.inbox(self.run_id),
-                                                  self._inbox_seq):
+        async for seq, data, _headers in direct_get_subject(
+                self.bus, self.names.runs_stream, self.names.inbox(self.run_id),
+                self._inbox_seq):
             try:
                 message = decode(data, INBOX_ADAPTER)
             except CodecError as exc:
@@ -534,6 +562,7 @@ class RunDriver:
     async def _flush_outputs(self) -> None:
         """Reply to workers, publish live events, start new steps: only after the commit."""
         nc = self.bus.nc
+        self._start_open_steps()  # arms timers, queues dispatches and status changes
         replies, self._replies = self._replies, []
         for reply in replies:
             with contextlib.suppress(NatsClientError):
@@ -544,7 +573,6 @@ class RunDriver:
         for ev in emits:
             with contextlib.suppress(NatsClientError, asyncio.TimeoutError):
                 await self.bus.js.publish(self.names.stream(self.run_id), encode(ev))
-        self._start_open_steps()
         await self._dispatch_pending()
 
     def _start_open_steps(self) -> None:
@@ -597,14 +625,31 @@ class RunDriver:
                         key=key, reply_to=self.names.inbox(self.run_id),
                         result_to=self.names.results(self.run_id), deadline=deadline,
                         meta=cmd.meta)
-        await self.bus.js.publish(cmd.subject, encode(item),
-                                  headers={"Nats-Msg-Id": f"work:{key}:{op.attempt}"})
+        # Not waiting for the work queue's ack keeps a round trip off every step's critical
+        # path; the ack is checked in the background and a lost item is dispatched again.
+        ack = await self.bus.js.publish_async(cmd.subject, encode(item),
+                                              headers={"Nats-Msg-Id": f"work:{key}:{op.attempt}"})
+        confirm = asyncio.create_task(self._confirm_dispatch(op, op.attempt, ack))
+        self._confirms.add(confirm)
+        confirm.add_done_callback(self._confirms.discard)
         op.dispatched = True
+        crash_point("dispatched", cmd.index)
         op.last_heartbeat = time.time()
         if deadline is not None:
             self._arm(op, deadline, "timeout")
         if policy.heartbeat_timeout:
             self._arm_heartbeat(op, policy.heartbeat_timeout)
+
+    async def _confirm_dispatch(self, op: _Open, attempt: int, ack: asyncio.Future[Any],
+                                ) -> None:
+        try:
+            await asyncio.wait_for(ack, timeout=5.0)
+        except (NatsClientError, TimeoutError) as exc:
+            if self._open.get(op.command.index) is op and op.attempt == attempt:
+                log.warning("run %s: work item for step %s was not stored (%r); dispatching "
+                            "it again", self.run_id, op.command.index, exc)
+                op.dispatched = False
+                self.put(_Redispatch(op.command.index))
 
     def _arm(self, op: _Open, when: float, reason: str) -> None:
         loop = asyncio.get_running_loop()

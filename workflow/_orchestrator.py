@@ -37,10 +37,11 @@ from nerve._errors import (
     NerveError,
     TaskRejected,
 )
-from persistence import RunHistory, RunStarted, TaskRequest
+from persistence import Event, RunHistory, RunStarted, TaskRequest
 from supervisor import Lease, lease_keys, watch_leases
 from workflow._definition import WorkflowRegistry, workflows
 from workflow._driver import RunDriver, _Reconnected
+from workflow._fork import fork_history
 from workflow._policy import RetryPolicy
 
 log = logging.getLogger("nerve.workflow.orchestrator")
@@ -92,7 +93,8 @@ class Orchestrator:
 
     def __init__(self, bus: Bus, owner_id: str, *, registry: WorkflowRegistry | None = None,
                  host_ttl: float = 2.0, policies: dict[str, RetryPolicy] | None = None,
-                 sandbox_meta: dict[str, Any] | None = None, spawn_guard: Any = None) -> None:
+                 sandbox_meta: dict[str, Any] | None = None, spawn_guard: Any = None,
+                 accept_tasks: bool = True) -> None:
         check_token("orchestrator id", owner_id)
         self.bus = bus
         self.owner_id = owner_id
@@ -100,12 +102,14 @@ class Orchestrator:
         self.policies = policies or {}
         self.sandbox_meta = sandbox_meta or {}
         self.spawn_guard = spawn_guard  # budget: check_spawn(tenant) before a run starts
+        self.accept_tasks = accept_tasks  # False: only drive runs taken over from peers
         self.host_lease = Lease(bus, bus.names.host_lease(owner_id), owner_id, ttl=host_ttl)
         self.drivers: dict[str, RunDriver] = {}
         self._driver_tasks: dict[str, asyncio.Task[None]] = {}
         self._intake = _TaskIntake(self)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = False
+        self._claim_lock = asyncio.Lock()
         self.ready = asyncio.Event()
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -121,7 +125,8 @@ class Orchestrator:
         await self.host_lease.wait_acquire(poll=0.2, timeout=max(10.0, 3 * self.host_lease.ttl))
         self.host_lease.keep_alive(on_lost=self._on_lease_lost)
         self._spawn(self._watch())
-        await self._intake.start(self.bus)
+        if self.accept_tasks:
+            await self._intake.start(self.bus)
         self.bus.on_reconnect(self._on_reconnect)
         await self.ready.wait()
         log.info("orchestrator %s ready", self.owner_id)
@@ -155,10 +160,16 @@ class Orchestrator:
         for task in list(self._driver_tasks.values()):
             task.cancel()
         await asyncio.gather(*self._driver_tasks.values(), return_exceptions=True)
-        if not self._stopping:
-            await self.host_lease.wait_acquire(poll=0.2)
-            self.host_lease.keep_alive(on_lost=self._on_lease_lost)
-            await self._claim_orphans()
+        while not self._stopping:
+            try:
+                await self.host_lease.wait_acquire(poll=0.2)
+                self.host_lease.keep_alive(on_lost=self._on_lease_lost)
+                await self._claim_orphans()
+                return
+            except (NatsClientError, TimeoutError, NerveError) as err:
+                log.warning("orchestrator %s: cannot re-acquire its lease yet (%r)",
+                            self.owner_id, err)
+                await asyncio.sleep(1.0)
 
     # -- ownership ------------------------------------------------------------------------------
     async def _watch(self) -> None:
@@ -183,16 +194,19 @@ class Orchestrator:
 
     async def _claim_orphans(self, dead_host: str | None = None) -> None:
         """Claim every active run whose owner is us (restarted) or not alive."""
-        for key in await lease_keys(self.bus, "run.*"):
-            run_id = key.partition(".")[2]
-            if run_id in self.drivers:
-                continue
-            found = await self._raw_record(key)
-            if found is None:
-                continue
-            record, revision = found
-            if record.owner == self.owner_id or not await self._host_alive(record.owner):
-                await self._claim(run_id, record, revision)
+        # One sweep at a time: two overlapping sweeps would both see a run we just claimed
+        # as "ours" and claim it again from ourselves.
+        async with self._claim_lock:
+            for key in await lease_keys(self.bus, "run.*"):
+                run_id = key.partition(".")[2]
+                if run_id in self.drivers:
+                    continue
+                found = await self._raw_record(key)
+                if found is None or run_id in self.drivers:
+                    continue
+                record, revision = found
+                if record.owner == self.owner_id or not await self._host_alive(record.owner):
+                    await self._claim(run_id, record, revision)
 
     async def _host_alive(self, host: str) -> bool:
         kv = await self.bus.kv(self.bus.names.leases_bucket)
@@ -247,8 +261,9 @@ class Orchestrator:
             if isinstance(raw, str):
                 raw = {"task": raw}
             request = TaskRequest.model_validate(raw)
-            if request.task is None and request.input is None:
-                raise TaskRejected("a task needs \"task\" (text) or \"input\" (an object)")
+            if request.task is None and request.input is None and request.fork is None:
+                raise TaskRejected("a task needs \"task\" (text), \"input\" (an object) or "
+                                   "\"fork\"")
         except (CodecError, ConfigError, TaskRejected) as exc:
             await self.reject(msg, exc.message)
             raise TaskRejected(exc.message) from None
@@ -257,6 +272,19 @@ class Orchestrator:
             await self.reject(msg, reason)
             raise TaskRejected(reason) from None
         run_id = request.run_id or self._run_id_for(tenant, msg)
+        if request.fork is not None:
+            try:
+                if self.spawn_guard is not None:
+                    await self.spawn_guard.check_spawn(tenant)
+                first = await fork_history(self.bus, request.fork, tenant, run_id,
+                                           (msg.headers or {}).get("Nats-Msg-Id"))
+            except NerveError as exc:
+                if exc.retryable:
+                    raise
+                await self.reject(msg, exc.message, run_id=run_id)
+                raise TaskRejected(exc.message) from None
+            await self.start_run(first[0], prefix=first[1:])
+            return run_id
         try:
             definition = self.registry.get(request.workflow, request.version)
             workflow_input = request.input if request.input is not None else {}
@@ -280,10 +308,13 @@ class Orchestrator:
         await self.start_run(started)
         return run_id
 
-    async def start_run(self, started: RunStarted) -> None:
-        """Write the run's first event (idempotent by run id) and take ownership of it."""
+    async def start_run(self, started: RunStarted, prefix: list[Event] | None = None) -> None:
+        """Write the run's first record (idempotent by run id) and take ownership of it.
+
+        ``prefix``: events copied from a parent run after ``RunStarted`` (a fork).
+        """
         history = RunHistory(self.bus, started.run_id)
-        created = await history.create(started)
+        created = await history.create(started, *(prefix or []))
         if not created:
             events = await history.read()
             if events and events[-1].type in ("run_completed", "run_failed", "run_cancelled"):
