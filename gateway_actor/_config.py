@@ -27,7 +27,7 @@ from nerve._errors import ConfigError
 
 ProviderKind = Literal["anthropic", "openai", "scripted"]
 ANTHROPIC_API = "https://api.anthropic.com"
-DEFAULT_CLAUDE = "claude-sonnet-4-5"
+DEFAULT_CLAUDE = "claude-sonnet-4-6"
 SCRIPTED_MODEL = "scripted"
 
 
