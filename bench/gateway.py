@@ -273,8 +273,9 @@ async def overhead_openai(urls: list[str], session: aiohttp.ClientSession,
             chat_id, name = "", "raw"
             async with session.post(url + "/v1/chat/completions", json=payload) as resp:
                 async for line in resp.content:
-                    if line.startswith(b"data: {"):
-                        chat_id = chat_id or json.loads(line[6:])["id"]
+                    if line.startswith(b"data: {"):  # every chunk parsed, as any client must
+                        chunk = json.loads(line[6:])
+                        chat_id = chat_id or chunk["id"]
         if i >= 6:
             times[name][chat_id] = (time.perf_counter() - started) * 1000
     stats = await control(session, url, "/_nerve/stats?timings=1")
