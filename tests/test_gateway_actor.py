@@ -26,6 +26,7 @@ from gateway_actor import (
     Message,
     UpstreamConfig,
 )
+from gateway_actor._role import run_gateway
 from nerve import BudgetExceeded
 from persistence import StreamEvent
 from tests._gateway_util import SYSTEM, TOOLS
@@ -377,3 +378,38 @@ async def test_a_gateway_killed_mid_stream_loses_nothing_and_shows_nothing_twice
                 await proc.wait()
             if survivor is not None:
                 await survivor.stop()
+
+
+async def test_the_gateway_role_serves_until_cancelled(bus: Bus) -> None:
+    @dataclass
+    class Opts:
+        id: str = "gw-role"
+        settings: dict[str, Any] = field(default_factory=lambda: {"instances": 2})
+
+    task = asyncio.create_task(run_gateway(bus, Opts()))
+    try:
+        async with Watch(bus, "run-role") as watch:
+            await submit(bus, item(bus, "run-role", llm_args("What is 5 * 5?")))
+            result = await watch.result()
+        assert result.ok and result.worker.startswith("gw-role-")
+        assert LLMResponse.model_validate(result.result).tool_uses[0].name == "write_file"
+    finally:
+        task.cancel()
+        await asyncio.wait({task})
+    assert task.cancelled()
+
+
+async def test_a_step_past_its_deadline_is_not_sent_to_the_model(bus: Bus) -> None:
+    actor = await start(bus, GatewayConfig.scripted())
+    provider = actor.gateway.pools["scripted"].provider
+    try:
+        async with Watch(bus, "run-late") as watch:
+            late = item(bus, "run-late", llm_args("What is 1 + 1?"))
+            late.deadline = 1.0  # long gone
+            await submit(bus, late)
+            result = await watch.result()
+        assert not result.ok and result.error is not None
+        assert "deadline" in result.error["message"] and result.error["retryable"] is False
+        assert provider.calls == 0  # type: ignore[attr-defined]
+    finally:
+        await actor.stop()
