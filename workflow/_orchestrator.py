@@ -29,6 +29,7 @@ from nats.errors import Error as NatsClientError
 from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
 
 from actors import Actor, Delivery, WorkQueue, encode, encode_json, unpack
+from budget_actor import KillNotice, KillNotices, kill_notices
 from bus import Bus, check_token
 from nerve._errors import (
     CodecError,
@@ -37,10 +38,10 @@ from nerve._errors import (
     NerveError,
     TaskRejected,
 )
-from persistence import Event, RunHistory, RunStarted, TaskRequest
+from persistence import CancelMessage, Event, PauseMessage, RunHistory, RunStarted, TaskRequest
 from supervisor import Lease, lease_keys, watch_leases
 from workflow._definition import WorkflowRegistry, workflows
-from workflow._driver import RunDriver, _Reconnected
+from workflow._driver import RunDriver, _Inbox, _Reconnected
 from workflow._fork import fork_history
 from workflow._policy import RetryPolicy
 
@@ -94,7 +95,7 @@ class Orchestrator:
     def __init__(self, bus: Bus, owner_id: str, *, registry: WorkflowRegistry | None = None,
                  host_ttl: float = 2.0, policies: dict[str, RetryPolicy] | None = None,
                  sandbox_meta: dict[str, Any] | None = None, spawn_guard: Any = None,
-                 accept_tasks: bool = True) -> None:
+                 accept_tasks: bool = True, kill_switch: bool = True) -> None:
         check_token("orchestrator id", owner_id)
         self.bus = bus
         self.owner_id = owner_id
@@ -103,6 +104,7 @@ class Orchestrator:
         self.sandbox_meta = sandbox_meta or {}
         self.spawn_guard = spawn_guard  # budget: check_spawn(tenant) before a run starts
         self.accept_tasks = accept_tasks  # False: only drive runs taken over from peers
+        self.kill_switch = kill_switch  # act on nerve.ctl.tenant.<t>.kill notices
         self.host_lease = Lease(bus, bus.names.host_lease(owner_id), owner_id, ttl=host_ttl)
         self.drivers: dict[str, RunDriver] = {}
         self._driver_tasks: dict[str, asyncio.Task[None]] = {}
@@ -110,6 +112,7 @@ class Orchestrator:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = False
         self._claim_lock = asyncio.Lock()
+        self._kill_notices: KillNotices | None = None
         self.ready = asyncio.Event()
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -125,6 +128,10 @@ class Orchestrator:
         await self.host_lease.wait_acquire(poll=0.2, timeout=max(10.0, 3 * self.host_lease.ttl))
         self.host_lease.keep_alive(on_lost=self._on_lease_lost)
         self._spawn(self._watch())
+        if self.kill_switch:
+            self._kill_notices = kill_notices(self.bus)
+            await self._kill_notices.open()
+            self._spawn(self._follow_kills())
         if self.accept_tasks:
             await self._intake.start(self.bus)
         self.bus.on_reconnect(self._on_reconnect)
@@ -137,15 +144,22 @@ class Orchestrator:
         for driver in list(self.drivers.values()):
             driver.put(_Reconnected())
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float = 10.0) -> None:
         self._stopping = True
         await self._intake.stop()
-        for task in list(self._driver_tasks.values()) + list(self._tasks):
+        if self._kill_notices is not None:
+            await self._kill_notices.close()
+        tasks = list(self._driver_tasks.values()) + list(self._tasks)
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._driver_tasks.values(), *self._tasks,
-                             return_exceptions=True)
+        if tasks:
+            _done, stuck = await asyncio.wait(tasks, timeout=timeout)
+            if stuck:
+                log.error("orchestrator %s: %d tasks ignored cancellation for %.0fs",
+                          self.owner_id, len(stuck), timeout)
         # Release the host lease so peers take our runs now rather than after the TTL.
-        await self.host_lease.release()
+        with contextlib.suppress(NatsClientError, TimeoutError):
+            await asyncio.wait_for(self.host_lease.release(), timeout)
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro)
@@ -356,6 +370,26 @@ class Orchestrator:
     # -- operations on owned runs ---------------------------------------------------------------
     def runs_of(self, tenant: str) -> list[str]:
         return [rid for rid, d in self.drivers.items() if d.tenant == tenant]
+
+    async def _follow_kills(self) -> None:
+        """A killed tenant's runs stop here at once: cancelled, or paused for a human."""
+        assert self._kill_notices is not None
+        async for notice in self._kill_notices:
+            if not isinstance(notice, KillNotice):
+                continue
+            message: CancelMessage | PauseMessage
+            reason = f"tenant {notice.tenant} killed: {notice.reason}"
+            if notice.policy == "pause":
+                message = PauseMessage(reason=reason, by=notice.by or "budget")
+            else:
+                message = CancelMessage(reason=reason, by=notice.by or "budget")
+            runs = self.runs_of(notice.tenant)
+            for run_id in runs:
+                driver = self.drivers.get(run_id)
+                if driver is not None:
+                    driver.put(_Inbox(message))
+            log.warning("orchestrator %s: %s -> %s %d run(s)", self.owner_id, reason,
+                        "pausing" if notice.policy == "pause" else "cancelling", len(runs))
 
 
 def _validation_reason(exc: Exception) -> str:
