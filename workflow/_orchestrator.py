@@ -57,14 +57,17 @@ class RunRecord:
     owner: str
     epoch: int
     tenant: str
+    replay_from: int = 0  # stream seq of the current segment's first record (continue-as-new)
 
     def encode(self) -> bytes:
-        return msgpack.packb({"owner": self.owner, "epoch": self.epoch, "tenant": self.tenant})
+        return msgpack.packb({"owner": self.owner, "epoch": self.epoch, "tenant": self.tenant,
+                              "replay_from": self.replay_from})
 
     @classmethod
     def decode(cls, raw: bytes) -> RunRecord:
         d = msgpack.unpackb(raw)
-        return cls(d["owner"], int(d["epoch"]), d.get("tenant", ""))
+        return cls(d["owner"], int(d["epoch"]), d.get("tenant", ""),
+                   int(d.get("replay_from", 0)))
 
 
 class _TaskIntake(Actor[Msg]):
@@ -232,15 +235,35 @@ class Orchestrator:
 
     async def _claim(self, run_id: str, record: RunRecord, revision: int) -> bool:
         kv = await self.bus.kv(self.bus.names.leases_bucket)
-        new = RunRecord(self.owner_id, record.epoch + 1, record.tenant)
+        new = RunRecord(self.owner_id, record.epoch + 1, record.tenant, record.replay_from)
         try:
             await kv.update(self.bus.names.run_lease(run_id), new.encode(), last=revision)
         except (KeyWrongLastSequenceError, APIError):
             return False  # a peer claimed it first
         log.info("orchestrator %s took over run %s from %s (epoch %d)", self.owner_id, run_id,
                  record.owner, new.epoch)
-        self._start_driver(run_id, new.epoch, takeover=True)
+        self._start_driver(run_id, new.epoch, takeover=True, replay_from=new.replay_from)
         return True
+
+    async def mark_segment(self, run_id: str, seq: int) -> None:
+        """Remember where the run's current segment starts, so a takeover replays from there.
+
+        Best effort: if it is lost, the next owner replays from an older segment start and
+        still ends in the same state.
+        """
+        key = self.bus.names.run_lease(run_id)
+        for _ in range(3):
+            found = await self._raw_record(key)
+            if found is None or found[0].owner != self.owner_id:
+                return
+            record, revision = found
+            kv = await self.bus.kv(self.bus.names.leases_bucket)
+            try:
+                await kv.update(key, RunRecord(record.owner, record.epoch, record.tenant,
+                                               seq).encode(), last=revision)
+                return
+            except (KeyWrongLastSequenceError, APIError):
+                continue
 
     async def release_run(self, run_id: str) -> None:
         """The run ended: drop its record so nobody tries to take it over."""
@@ -248,8 +271,9 @@ class Orchestrator:
         with contextlib.suppress(KeyNotFoundError, APIError, NatsClientError):
             await kv.delete(self.bus.names.run_lease(run_id))
 
-    def _start_driver(self, run_id: str, epoch: int, takeover: bool) -> RunDriver:
-        driver = RunDriver(self, run_id, epoch, takeover)
+    def _start_driver(self, run_id: str, epoch: int, takeover: bool,
+                      replay_from: int = 0) -> RunDriver:
+        driver = RunDriver(self, run_id, epoch, takeover, replay_from)
         self.drivers[run_id] = driver
         task = asyncio.create_task(driver.run(), name=f"run:{run_id}")
         self._driver_tasks[run_id] = task
