@@ -342,8 +342,17 @@ async def test_a_gateway_killed_mid_stream_loses_nothing_and_shows_nothing_twice
             assert text == response.text
             assert up.replica(0).stats.requests == 2 and up.replica(0).stats.disconnects == 1
             inbox = bus.names.inbox("run-x")
-            info = await bus.js.stream_info(bus.names.runs_stream, subjects_filter=inbox)
-            assert (info.state.subjects or {}).get(inbox) == 1  # one result for the step
+
+            async def stored() -> int:
+                info = await bus.js.stream_info(bus.names.runs_stream, subjects_filter=inbox)
+                return (info.state.subjects or {}).get(inbox, 0)
+
+            # The watcher sees the result as it is published; the store is a moment later.
+            async with asyncio.timeout(10):
+                while await stored() == 0:
+                    await asyncio.sleep(0.02)
+            await asyncio.sleep(0.5)
+            assert await stored() == 1  # one result for the step
         finally:
             if proc.returncode is None:
                 proc.kill()
