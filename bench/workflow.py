@@ -115,7 +115,7 @@ async def takeover(bus, url: str, prefix: str, trials: int) -> dict[str, float]:
     leases = await bus.kv(bus.names.leases_bucket)
     for trial in range(trials):
         victim = await spawn("orchestrator", f"victim-{trial}", url, prefix, "--set",
-                             "host_ttl=1")
+                             "host_ttl=1", "--set", "budget=0")
         async with asyncio.timeout(30):
             while True:  # the victim holds its host lease: it is up
                 try:
@@ -167,7 +167,8 @@ async def main() -> None:
     async with embedded_bus(prefix="wfb") as (server, bus):
         figures["bare_fenced_append_p50_ms"] = round(await bare_append(bus, 200 if q else 1000), 3)
         worker = await spawn("activity", "bench-acts", server.url, "wfb")
-        orch = await spawn("orchestrator", "bench-orch", server.url, "wfb")
+        # The engine alone: runs start without a budget check (bench/budget.py measures that).
+        orch = await spawn("orchestrator", "bench-orch", server.url, "wfb", "--set", "budget=0")
         client = NerveClient(bus)
         await asyncio.sleep(1.0)
         try:

@@ -146,7 +146,7 @@ async def agent(ctx: RunContext, inp: AgentInput) -> dict[str, Any]:
     waits_for_human = any(s.requires_approval for s in specs)
 
     def finish(reason: str, turns: int) -> dict[str, Any]:
-        ctx.emit("status", status="finishing", reason=reason)
+        ctx.emit("progress", stop=reason, turns=turns)
         return {"answer": answer, "stop": reason, "turns": turns, "tokens": used_tokens}
 
     for turn in range(1, inp.max_turns + 1):
