@@ -224,3 +224,36 @@ async def test_a_takeover_replays_only_the_latest_segment(bus: Bus) -> None:
     assert (await client.wait(run_id, timeout=20)).result == "done"
     await second.stop()
     await worker.stop()
+
+
+LOCAL_CALLS: collections.Counter[str] = collections.Counter()
+
+
+@acts.register
+async def local_flaky(actx: ActivityContext, fail_until: int) -> int:
+    LOCAL_CALLS[actx.key] += 1
+    if actx.attempt < fail_until:
+        raise RuntimeError(f"local attempt {actx.attempt}")
+    return actx.attempt
+
+
+@wf.register(name="local_steps")
+async def local_steps(ctx: RunContext, inp: dict[str, Any]) -> Any:
+    a = await ctx.activity(add, 20, 22, local=True)
+    b = await ctx.activity(local_flaky, 2, local=True,
+                           retry=RetryPolicy(max_attempts=3, initial_interval=0.05))
+    return [a, b]
+
+
+async def test_local_activities_run_in_the_orchestrator_with_the_same_contract(bus: Bus) -> None:
+    orch = Orchestrator(bus, "orch-local", registry=wf, activities=acts)
+    await orch.start()  # no activity worker at all: local steps must not need one
+    client = NerveClient(bus)
+    run_id = await client.submit("acme", workflow="local_steps", input={})
+    summary = await client.wait(run_id, timeout=20)
+    assert summary.result == [42, 2]
+    events = await client.history(run_id)
+    failed = [e for e in events if isinstance(e, StepFailed)]
+    assert [(f.index, f.attempt, f.final) for f in failed] == [(1, 1, False)]
+    assert LOCAL_CALLS[f"{run_id}:1"] == 2 and CALLS[f"{run_id}:0"] == 1
+    await orch.stop()

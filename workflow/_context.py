@@ -102,16 +102,24 @@ class RunContext:
 
     # -- steps -------------------------------------------------------------------------------
     async def activity(self, fn: str | Callable[..., Any], *args: Any,
-                       retry: RetryPolicy | None = None, **kwargs: Any) -> Any:
+                       retry: RetryPolicy | None = None, local: bool = False,
+                       **kwargs: Any) -> Any:
         """Run a user-defined activity on an activity worker; it receives the step's
-        idempotency key (``<run_id>:<index>``) in its :class:`ActivityContext`."""
+        idempotency key (``<run_id>:<index>``) in its :class:`ActivityContext`.
+
+        ``local=True`` runs it inside the orchestrator that owns the run (like Temporal's
+        local activities): no hop to a worker, same history, retries and idempotency key.
+        For short, cheap effects; the activity must be registered in the orchestrator.
+        """
         policy = self._policy("activity", retry)
         meta: dict[str, Any] = {}
-        if policy.heartbeat_timeout:
+        if policy.heartbeat_timeout and not local:
             meta["heartbeat_timeout"] = policy.heartbeat_timeout
+        if local:
+            meta["local"] = True
         return await self._instance.issue(
             "activity", activity_name(fn), {"args": list(args), "kwargs": kwargs},
-            policy=policy, subject=self._names.work_activity, meta=meta)
+            policy=policy, subject=None if local else self._names.work_activity, meta=meta)
 
     async def llm(self, request: LLMRequest | dict[str, Any], *,
                   retry: RetryPolicy | None = None) -> LLMResponse:

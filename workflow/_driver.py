@@ -438,7 +438,7 @@ class RunDriver:
         elif isinstance(item, _Reconnected):
             await self._catch_up_inbox(into=events)
             for op in self._open.values():
-                if op.dispatched:
+                if op.dispatched and not op.command.meta.get("local"):  # local: still running
                     op.dispatched = False
                     self._new_commands.append(op.command)
 
@@ -604,7 +604,7 @@ class RunDriver:
                 if cmd.deadline is not None:
                     self._arm(op, cmd.deadline, "deadline")
                 self._emit_status()
-            elif cmd.subject is not None:
+            elif cmd.subject is not None or cmd.meta.get("local"):
                 if op.retry_at is not None and op.retry_at > time.time() and not op.dispatched:
                     self._arm(op, op.retry_at, "retry")
                     op.retry_at = None
@@ -618,6 +618,9 @@ class RunDriver:
         failed: list[_Open] = []
         for op in todo:
             if op.command.index not in self._open or op.dispatched:
+                continue
+            if op.command.meta.get("local"):
+                self._run_local(op)
                 continue
             try:
                 await self._dispatch(op)
@@ -655,6 +658,43 @@ class RunDriver:
             self._arm(op, deadline, "timeout")
         if policy.heartbeat_timeout:
             self._arm_heartbeat(op, policy.heartbeat_timeout)
+
+    def _run_local(self, op: _Open) -> None:
+        """A local activity: run it here, in the orchestrator, instead of on a worker.
+
+        Same contract as a remote step (idempotency key, retries, timeout); the result goes
+        through the same path. No NATS hop, so its cost is the history append alone.
+        """
+        op.dispatched = True
+        task = asyncio.create_task(self._local(op, op.attempt))
+        self._confirms.add(task)
+        task.add_done_callback(self._confirms.discard)
+
+    async def _local(self, op: _Open, attempt: int) -> None:
+        from workflow._activity import ActivityContext, call_activity
+
+        cmd = op.command
+        assert self.started is not None
+        policy = cmd.policy or DEFAULT_POLICIES["activity"]
+        key = f"{self.run_id}:{cmd.index}"
+        actx = ActivityContext(key, self.run_id, self.started.tenant, cmd.index, attempt,
+                               cmd.name)
+        started = time.perf_counter()
+        try:
+            fn = self.orch.activities.get(cmd.name)
+            value = await asyncio.wait_for(call_activity(fn, actx, cmd.args), policy.timeout)
+            result = StepResult(run_id=self.run_id, index=cmd.index, attempt=attempt, key=key,
+                                ok=True, result=value, worker=f"{self.orch.owner_id}:local")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            wire = exc.to_wire() if isinstance(exc, NerveError) else {
+                "type": "StepTimeout" if isinstance(exc, TimeoutError) else type(exc).__name__,
+                "message": str(exc) or repr(exc), "retryable": True, "fields": {}}
+            result = StepResult(run_id=self.run_id, index=cmd.index, attempt=attempt, key=key,
+                                ok=False, error=wire, worker=f"{self.orch.owner_id}:local")
+        result.duration_ms = (time.perf_counter() - started) * 1000
+        self.put(_Result(result))
 
     async def _confirm_dispatch(self, op: _Open, attempt: int, ack: asyncio.Future[Any],
                                 ) -> None:

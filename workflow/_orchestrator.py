@@ -40,7 +40,8 @@ from nerve._errors import (
 )
 from persistence import CancelMessage, Event, PauseMessage, RunHistory, RunStarted, TaskRequest
 from supervisor import Lease, lease_keys, watch_leases
-from workflow._definition import WorkflowRegistry, workflows
+from workflow._definition import ActivityRegistry, WorkflowRegistry, workflows
+from workflow._definition import activities as default_activities
 from workflow._driver import RunDriver, _Inbox, _Reconnected
 from workflow._fork import fork_history
 from workflow._policy import RetryPolicy
@@ -98,11 +99,13 @@ class Orchestrator:
     def __init__(self, bus: Bus, owner_id: str, *, registry: WorkflowRegistry | None = None,
                  host_ttl: float = 2.0, policies: dict[str, RetryPolicy] | None = None,
                  sandbox_meta: dict[str, Any] | None = None, spawn_guard: Any = None,
-                 accept_tasks: bool = True, kill_switch: bool = True) -> None:
+                 accept_tasks: bool = True, kill_switch: bool = True,
+                 activities: ActivityRegistry | None = None) -> None:
         check_token("orchestrator id", owner_id)
         self.bus = bus
         self.owner_id = owner_id
         self.registry = registry or workflows
+        self.activities = activities or default_activities  # for local activities
         self.policies = policies or {}
         self.sandbox_meta = sandbox_meta or {}
         self.spawn_guard = spawn_guard  # budget: check_spawn(tenant) before a run starts
