@@ -1,1 +1,1 @@
-"""sandbox_actor (in progress)."""
+"""The hands: isolated sandboxes with snapshots, restore on host failure, and fork."""
