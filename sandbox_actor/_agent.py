@@ -28,6 +28,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 
 WORKSPACE = "/workspace"
 PROXY_SOCK = "/run/nerve/proxy.sock"
@@ -110,15 +111,27 @@ def do_exec(req, body):
     sel.register(proc.stdout, selectors.EVENT_READ, 1)
     sel.register(proc.stderr, selectors.EVENT_READ, 2)
     open_count = 2
+    drain_until = None
+    # The command is done when its process exits, not when every copy of its pipes is
+    # closed: a daemon it left running (``server &``) keeps them open. After the exit we
+    # drain what is already written for a moment, then stop listening.
     while open_count:
-        for key, _ in sel.select():
+        ready = sel.select(timeout=0.05)
+        for key, _ in ready:
             chunk = os.read(key.fileobj.fileno(), 65536)
             if not chunk:
                 sel.unregister(key.fileobj)
                 open_count -= 1
                 continue
             send({"id": rid, "ev": "out", "fd": key.data}, chunk)
+        if drain_until is None:
+            if proc.poll() is not None:
+                drain_until = time.monotonic() + 0.1
+        elif not ready or time.monotonic() > drain_until:
+            break
     sel.close()
+    proc.stdout.close()
+    proc.stderr.close()
     code = proc.wait()
     with _execs_lock:
         _execs.pop(rid, None)

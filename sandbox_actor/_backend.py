@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from nerve._errors import ConfigError, SandboxUnavailable
 from sandbox_actor._types import (
+    BASE_ENV,
     Capabilities,
     ExecResult,
     FileEntry,
@@ -70,6 +71,11 @@ class Sandbox(abc.ABC):
     @property
     def death_reason(self) -> str:
         return ""
+
+    @property
+    def base_env(self) -> dict[str, str]:
+        """The environment every command starts from (the allowlist; no host variables)."""
+        return dict(BASE_ENV)
 
     @abc.abstractmethod
     async def exec(self, argv: list[str], *, timeout: float | None = None,

@@ -153,15 +153,19 @@ class CgroupSet:
         else:
             _write(self.paths["unified"] / "cgroup.freeze", "1" if frozen else "0")
 
-    def kill_all(self) -> None:
-        """SIGKILL every process in the sandbox (frozen first, so nothing forks away)."""
-        if self.version == "v2":
+    def kill_all(self, spare: int | None = None) -> None:
+        """SIGKILL every process in the sandbox (frozen first, so nothing forks away).
+
+        ``spare`` (bwrap's outer process) is left alive so it can reap the sandbox's init
+        instead of orphaning it to the host's init as a zombie.
+        """
+        if self.version == "v2" and spare is None:
             kill = self.paths["unified"] / "cgroup.kill"
             if kill.exists():
                 _write(kill, "1")
                 return
         for _ in range(50):
-            pids = self.pids()
+            pids = [p for p in self.pids() if p != spare]
             if not pids:
                 return
             with contextlib.suppress(OSError):

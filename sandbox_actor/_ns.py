@@ -44,8 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nerve._errors import SandboxCrashed, SandboxError, SandboxUnavailable
-from sandbox_actor import _cgroups, _fs, _seccomp
+from nerve._errors import ConfigError, SandboxCrashed, SandboxError, SandboxUnavailable
+from sandbox_actor import _cgroups, _fs, _netns, _seccomp
 from sandbox_actor._agentproto import AGENT_PATH_IN_SANDBOX, AgentChannel
 from sandbox_actor._backend import BackendConfig, Sandbox, SandboxBackend, register
 from sandbox_actor._snapshots import CHUNK_SIZE, Manifest, WorkspaceStore, digest_of
@@ -114,6 +114,7 @@ class NsSandbox(Sandbox):
     # last hashed are not read again.
     stat_cache: dict[str, tuple[int, int, int, int, list[str]]] = field(default_factory=dict)
     destroyed: bool = False
+    restored_from: str | None = None
 
     @property
     def alive(self) -> bool:
@@ -122,6 +123,15 @@ class NsSandbox(Sandbox):
     @property
     def death_reason(self) -> str:
         return self._dead
+
+    @property
+    def base_env(self) -> dict[str, str]:
+        env = dict(BASE_ENV)
+        if self.backend.egress is not None and self.backend.egress_allowed(self.spec):
+            proxy = "http://127.0.0.1:3128"
+            env.update(http_proxy=proxy, https_proxy=proxy, HTTP_PROXY=proxy,
+                       HTTPS_PROXY=proxy)
+        return env
 
     @property
     def disk_dir(self) -> Path:
@@ -167,7 +177,7 @@ class NsSandbox(Sandbox):
             sig: int | None = None
             try:
                 await channel.send({"op": "exec", "id": rid, "argv": argv,
-                                    "cwd": cwd, "env": env or dict(BASE_ENV)}, stdin or b"")
+                                    "cwd": cwd, "env": env or self.base_env}, stdin or b"")
                 deadline = loop.time() + timeout
                 while True:
                     wait = deadline - loop.time()
@@ -291,6 +301,11 @@ class NsBackend(SandboxBackend):
             probe.capabilities = cls.static_capabilities()
         return probe
 
+    def egress_allowed(self, spec: SandboxSpec) -> bool:
+        if self.egress is None:
+            return False
+        return bool(spec.egress or self.egress.config.tenant_allow.get(spec.tenant))
+
     @staticmethod
     def static_capabilities() -> Capabilities:
         return Capabilities(isolation=Isolation.NAMESPACES, memory_snapshots=False,
@@ -311,8 +326,20 @@ class NsBackend(SandboxBackend):
         if self.bwrap is None or self.cgroup_version is None:
             raise SandboxUnavailable("the ns backend cannot run here; see `nerve doctor`")
         await asyncio.to_thread(self._prepare_base)
+        await asyncio.to_thread(self._check_reachable)
         self._seccomp = _seccomp.deny_list_bpf()
         self._started = True
+
+    def _check_reachable(self) -> None:
+        # bwrap runs as the unprivileged sandbox uid and must reach the base and each
+        # sandbox's directory: every ancestor needs search permission for "others".
+        for parent in [self.config.state_dir, *self.config.state_dir.parents]:
+            if not os.stat(parent).st_mode & 0o001:
+                raise ConfigError(
+                    f"sandbox state dir {self.config.state_dir} is not reachable by the "
+                    f"sandbox uid: {parent} lacks o+x; use a state dir under a searchable "
+                    "path (the default /var/lib/nerve/sandbox is)",
+                    state_dir=str(self.config.state_dir))
 
     def _prepare_base(self) -> None:
         cfg = self.config
@@ -357,6 +384,10 @@ class NsBackend(SandboxBackend):
 
     # -- create ---------------------------------------------------------------------------
     async def create(self, spec: SandboxSpec) -> NsSandbox:
+        return await self._create(spec)
+
+    async def _create(self, spec: SandboxSpec, manifest: Manifest | None = None,
+                      blobs: dict[str, bytes] | None = None) -> NsSandbox:
         await self.start()
         if not spec.sandbox_id:
             raise SandboxError("a sandbox needs an id")
@@ -367,9 +398,16 @@ class NsBackend(SandboxBackend):
         sb = await asyncio.to_thread(self._prepare, spec)
         self._live[spec.sandbox_id] = sb
         try:
+            if manifest is not None:
+                # Restores fill the upper layer before the overlay is mounted (writing
+                # under a live overlay is undefined); the lower layer is then left empty,
+                # as the snapshot is the whole workspace.
+                await asyncio.to_thread(self._apply, sb, manifest, blobs or {})
+                sb.restored_from = manifest.name
             if self.egress is not None:
-                await self.egress.open(spec.sandbox_id, sb.dir / "proxy.sock", spec.egress,
-                                       tenant=spec.tenant)
+                sock = sb.dir / "proxy.sock"
+                await self.egress.open(spec.sandbox_id, sock, spec.egress, tenant=spec.tenant)
+                os.chown(sock, self.config.sandbox_uid, self.config.sandbox_gid)
             await self._spawn(sb)
         except BaseException:
             await self.destroy(sb)
@@ -412,7 +450,8 @@ class NsBackend(SandboxBackend):
         """bwrap's options (passed on a pipe with ``--args``, so the sandbox's ``ps`` does
         not show host paths)."""
         base = self.base_dir
-        lower = self.config.base_workspace or (base / "empty")
+        lower = (base / "empty") if sb.restored_from else (
+            self.config.base_workspace or (base / "empty"))
         limits = sb.spec.limits
         argv = [
             "--unshare-all", "--unshare-user", "--disable-userns",
@@ -427,7 +466,9 @@ class NsBackend(SandboxBackend):
             "--dir", "/run/nerve",
             "--ro-bind", str(base / "agent.py"), AGENT_PATH_IN_SANDBOX,
         ]
-        if self.egress is not None and sb.spec.egress:
+        if self.egress is not None:
+            # Always there (the proxy denies by default), so a pooled sandbox can be
+            # given a policy later.
             argv += ["--bind", str(sb.dir / "proxy.sock"), PROXY_SOCK_IN_SANDBOX]
         argv += [
             "--overlay-src", str(lower),
@@ -497,6 +538,11 @@ class NsBackend(SandboxBackend):
         sb.agent_pid = await asyncio.to_thread(self._find_host_pid, sb,
                                                int(ready.header.get("pid", 0)))
         await asyncio.to_thread(self._protect, sb)
+        if sb.agent_pid is None:
+            raise SandboxCrashed(f"sandbox {sb.sandbox_id}: its agent vanished at start-up",
+                                 sandbox_id=sb.sandbox_id)
+        if self.config.extra.get("verify_netns", True):
+            await _netns.verify_isolated(sb.agent_pid, sb.sandbox_id)
 
     @staticmethod
     def _find_host_pid(sb: NsSandbox, ns_pid: int) -> int | None:
@@ -523,8 +569,6 @@ class NsBackend(SandboxBackend):
         old = sandbox.spec
         if spec.limits.disk_mb != old.limits.disk_mb or spec.limits.nofile != old.limits.nofile:
             raise SandboxError("a pooled sandbox's disk and nofile limits cannot change")
-        if spec.egress and not old.egress:
-            raise SandboxError("a pooled sandbox without egress cannot gain it")
         await asyncio.to_thread(sandbox.cgroups.set_limits, spec.limits.memory_mb << 20,
                                 spec.limits.pids, spec.limits.cpus)
         if self.egress is not None:
@@ -604,43 +648,23 @@ class NsBackend(SandboxBackend):
         if manifest.kind != "files":
             raise SandboxError(f"snapshot {snapshot} is a {manifest.kind} snapshot; the ns "
                                "backend restores file snapshots", snapshot=snapshot)
-        sb = await self.create(spec)
-        try:
-            await self.load(sb, manifest, store)
-        except BaseException:
-            await self.destroy(sb)
-            raise
-        return sb
-
-    async def load(self, sb: NsSandbox, manifest: Manifest, store: WorkspaceStore) -> None:
-        """Make ``sb``'s workspace exactly the one recorded in ``manifest``."""
         wanted = sorted({d for e in manifest.entries if e[1] == "file" for d in e[5] or []})
         blobs = dict(zip(wanted, await store.get_chunks(wanted), strict=True))
-        await asyncio.to_thread(sb.cgroups.freeze, True)
-        try:
-            await asyncio.to_thread(self._apply, sb, manifest, blobs)
-        finally:
-            await asyncio.to_thread(sb.cgroups.freeze, False)
+        return await self._create(spec, manifest, blobs)
 
     def _apply(self, sb: NsSandbox, manifest: Manifest, blobs: dict[str, bytes]) -> None:
         uid, gid = self.config.sandbox_uid, self.config.sandbox_gid
-        root = sb.workspace_fd()
+        root = os.open(sb.disk_dir / "upper", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         try:
-            _fs.clear(root)
-            sb.stat_cache.clear()
-            dirs = []
             for path, kind, mode, _size, mtime_ns, extra in manifest.entries:
                 if kind == "dir":
                     _fs.make_dir(root, path, mode, uid, gid)
-                    dirs.append((path, mtime_ns))
                 elif kind == "symlink":
                     _fs.make_symlink(root, path, extra, uid, gid)
                 elif kind == "file":
                     digests = extra or []
                     data = b"".join(blobs[d] for d in digests)
-                    st = _fs.write_file(root, path, data, mode, uid, gid, mtime_ns)
-                    sb.stat_cache[path] = (st.st_ino, st.st_size, st.st_mtime_ns,
-                                           st.st_ctime_ns, list(digests))
+                    _fs.write_file(root, path, data, mode, uid, gid, mtime_ns)
         finally:
             os.close(root)
 
@@ -649,10 +673,7 @@ class NsBackend(SandboxBackend):
         """Kill every process of the sandbox now (it counts as crashed)."""
         if not sb._dead:
             sb._dead = reason
-        await asyncio.to_thread(sb.cgroups.kill_all)
-        if sb.proc is not None and sb.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                sb.proc.kill()
+        await asyncio.to_thread(sb.cgroups.kill_all, sb.proc.pid if sb.proc else None)
 
     async def destroy(self, sandbox: Sandbox) -> None:
         assert isinstance(sandbox, NsSandbox)
@@ -664,12 +685,18 @@ class NsBackend(SandboxBackend):
             sb._dead = "destroyed"
         if sb.channel is not None:
             await sb.channel.close()
-        await asyncio.to_thread(sb.cgroups.kill_all)
         if sb.proc is not None:
-            if sb.proc.returncode is None:
+            # Everything but bwrap's outer process first: it then reaps the sandbox's init
+            # and exits by itself (killing both at once would orphan init as a zombie).
+            await asyncio.to_thread(sb.cgroups.kill_all, sb.proc.pid)
+            try:
+                async with asyncio.timeout(2.0):
+                    await sb.proc.wait()
+            except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     sb.proc.kill()
-            await sb.proc.wait()
+                await sb.proc.wait()
+        await asyncio.to_thread(sb.cgroups.kill_all)
         if sb._waiter is not None:
             sb._waiter.cancel()
             with contextlib.suppress(asyncio.CancelledError):
