@@ -173,7 +173,7 @@ class EgressProxy:
     async def open(self, sandbox_id: str, path: Path, allow: list[str],
                    tenant: str = "default") -> None:
         with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+            os.unlink(path)
         listener: _Listener | None = None
 
         async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
