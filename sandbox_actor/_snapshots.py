@@ -42,7 +42,7 @@ _ZSTD_LEVEL = 3
 
 
 def chunk_name(digest: str) -> str:
-    return f"chunk.{digest}"
+    return Names.snapshot_chunk(digest)
 
 
 def digest_of(data: bytes) -> str:
