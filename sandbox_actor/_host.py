@@ -28,7 +28,7 @@ from nats.js.errors import NotFoundError
 
 from actors import encode
 from bus import Bus, Names
-from nerve._errors import LeaseLostError, NerveError
+from nerve._errors import LeaseLostError
 from persistence import SandboxNotice
 from sandbox_actor._backend import SandboxBackend
 from sandbox_actor._pool import WarmPool
@@ -241,8 +241,8 @@ class SandboxHost:
         except LeaseLostError:
             await runner.stop()
             return
-        except NerveError as exc:
-            log.error("host %s could not bring up sandbox %s: %s", self.host_id, sid, exc)
+        except Exception as exc:
+            log.exception("host %s could not bring up sandbox %s: %r", self.host_id, sid, exc)
             await runner.stop()
             return
         slot = _Slot(runner)

@@ -9,6 +9,7 @@ fail-closed check that no interface or route was added behind our back.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from dataclasses import dataclass
 
@@ -24,6 +25,17 @@ class NetView:
 
 async def inspect(pid: int) -> NetView:
     """Interfaces, addresses and route destinations in ``pid``'s network namespace."""
+    # pyroute2 opens AF_NETLINK datagram endpoints, which uvloop cannot: it gets a plain
+    # asyncio loop of its own in a worker thread.
+    return await asyncio.to_thread(_inspect_blocking, pid)
+
+
+def _inspect_blocking(pid: int) -> NetView:
+    with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
+        return runner.run(_inspect(pid))
+
+
+async def _inspect(pid: int) -> NetView:
     from pyroute2 import AsyncIPRoute
 
     async with AsyncIPRoute(netns=f"/proc/{pid}/ns/net") as ipr:
