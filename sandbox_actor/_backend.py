@@ -184,10 +184,7 @@ def choose(config: BackendConfig, wanted: str | None = None) -> SandboxBackend:
         raise SandboxUnavailable(
             "no sandbox backend can run here: " + "; ".join(
                 f"{p.backend}: {', '.join(p.problems)}" for p in probes.values()))
-    # Default to ns: it is the backend every feature (egress, warm pool, cheap file
-    # snapshots) is built for; gVisor is stronger but opt-in (``wanted="gvisor"``).
-    best = probes.get("ns") if probes.get("ns") and probes["ns"].available else max(
-        usable, key=lambda p: p.capabilities.isolation)  # type: ignore[union-attr]
+    best = max(usable, key=lambda p: p.capabilities.isolation)  # type: ignore[union-attr]
     return BACKENDS[best.backend](config)
 
 
