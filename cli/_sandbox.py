@@ -52,7 +52,7 @@ async def _doctor(args: argparse.Namespace) -> int:
     probes = probe_all(config)
     report: dict[str, object] = {
         "cgroup": detect() or "unusable",
-        "kvm": os.path.exists("/dev/kvm"),
+        "kvm": await asyncio.to_thread(os.path.exists, "/dev/kvm"),
         "backends": {p.backend: {"available": p.available, "details": p.details,
                                  "problems": p.problems,
                                  "isolation": p.capabilities.isolation.name
