@@ -95,7 +95,8 @@ class Delivery:
 class Actor(Generic[M]):
     """Base class for every actor.
 
-    Subclasses set ``message_type`` (a pydantic model, or any type pydantic validates),
+    Subclasses set ``message_type`` (a pydantic model, any type pydantic validates, or
+    ``nats.aio.msg.Msg`` to receive the raw message),
     implement :meth:`handle`, and say where messages come from with :meth:`mailbox`. What
     ``handle`` returns is the reply to a request; for work queues the message is acked when
     ``handle`` returns, naked with backoff when it raises (a :class:`Permanent` or
@@ -113,7 +114,8 @@ class Actor(Generic[M]):
         self._mailbox: PullMailbox | SubscriptionMailbox | None = None
         self._spec: MailboxSpec | None = None
         self._failed: asyncio.Future[None] | None = None
-        self._adapter = TypeAdapter(self.message_type)
+        # message_type = nats Msg: the handler decodes the raw message itself.
+        self._adapter = None if self.message_type is Msg else TypeAdapter(self.message_type)
 
     # -- to override ---------------------------------------------------------------------
     def mailbox(self) -> MailboxSpec:
@@ -187,7 +189,8 @@ class Actor(Generic[M]):
         work = isinstance(self._spec, WorkQueue)
         envelope = Envelope.from_headers(msg.headers)
         try:
-            message = decode(msg.data, self._adapter, envelope.content_type or None)
+            message = (msg if self.message_type is Msg
+                       else decode(msg.data, self._adapter, envelope.content_type or None))
         except CodecError as exc:
             if work:
                 await self._dead_letter(msg, f"undecodable message: {exc.message}", exc)

@@ -1,9 +1,18 @@
 """Step work: what an orchestrator dispatches on ``NERVE_WORK`` and what comes back.
 
 A :class:`WorkItem` asks a worker (gateway, tool gateway, sandbox host, activity worker) to
-perform one step of one run. The worker answers with a :class:`StepResult` published on
-``item.reply_to`` (the run's inbox). Delivery is at least once; ``key``
-(``<run_id>:<step index>``) is the idempotency key every effect must honour.
+perform one step of one run. Delivery is at least once; ``key`` (``<run_id>:<step index>``)
+is the idempotency key every effect must honour.
+
+The worker answers with a :class:`StepResult`, first straight to the run's owner
+(a request on ``item.result_to``; the owner replies once the result is in the run's
+history, so the happy path costs one fsync per step, the history's). If no owner answers
+(it died, or is being replaced), the worker stores the result on the run's durable inbox
+(``item.reply_to``), where the next owner finds it when it takes the run over. Only then is
+the work item acked.
+
+While a step with a ``heartbeat_timeout`` runs, the worker heartbeats to ``result_to`` so
+the owner can tell a dead worker from a slow one.
 
 :class:`StepWorker` is the base for every such worker: subclasses implement ``execute``.
 """
@@ -12,11 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 from typing import Any, ClassVar, Literal
 
 from nats.errors import Error as NatsClientError
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
 from pydantic import BaseModel, Field
 
 from actors._actor import Actor, Delivery
@@ -26,6 +38,8 @@ from actors._mailbox import WorkQueue
 from nerve._errors import NerveError
 
 log = logging.getLogger("nerve.actors.work")
+
+H_HEARTBEAT = "Nerve-Heartbeat"
 
 StepKindName = Literal["llm", "tool", "sandbox", "activity", "timer", "signal", "marker", "child"]
 
@@ -41,7 +55,8 @@ class WorkItem(BaseModel):
     name: str
     args: Any = None
     key: str  # idempotency key: "<run_id>:<index>"
-    reply_to: str  # the run's inbox subject
+    reply_to: str  # the run's durable inbox subject
+    result_to: str | None = None  # the owner's direct result subject (core NATS)
     deadline: float | None = None  # epoch seconds after which the result is useless
     meta: dict[str, Any] = Field(default_factory=dict)
 
@@ -76,11 +91,14 @@ class StepWorker(Actor[WorkItem]):
     """
 
     message_type = WorkItem
-    subjects: ClassVar[list[str]] = []
+    subjects: ClassVar[list[str]] = []  # or override work_subjects() when they need the prefix
     durable: ClassVar[str] = ""
     ack_wait: ClassVar[float] = 30.0
     max_deliver: ClassVar[int] = 20
     recent_results: ClassVar[int] = 4096
+    # How long the owner may take to record a result before we store it durably instead
+    # (it may have died holding our request). Short: a takeover waits on it.
+    reply_timeout: ClassVar[float] = 1.0
 
     def __init__(self, name: str | None = None, worker_id: str | None = None) -> None:
         super().__init__(name)
@@ -88,9 +106,13 @@ class StepWorker(Actor[WorkItem]):
         self._recent: collections.OrderedDict[tuple[str, int], StepResult] = (
             collections.OrderedDict())
 
+    def work_subjects(self) -> list[str]:
+        """The ``NERVE_WORK`` subjects this worker pulls from."""
+        return list(self.subjects)
+
     def mailbox(self) -> WorkQueue:
         assert self.bus is not None
-        return WorkQueue(stream=self.bus.names.work_stream, subjects=list(self.subjects),
+        return WorkQueue(stream=self.bus.names.work_stream, subjects=self.work_subjects(),
                          durable=self.durable or self.name, ack_wait=self.ack_wait,
                          max_deliver=self.max_deliver)
 
@@ -101,6 +123,8 @@ class StepWorker(Actor[WorkItem]):
         cached = self._recent.get((message.key, message.attempt))
         if cached is None:
             started = time.perf_counter()
+            beat = (asyncio.create_task(self._heartbeat_owner(message))
+                    if message.meta.get("heartbeat_timeout") and message.result_to else None)
             try:
                 value = await self.execute(message, delivery)
                 result = StepResult(run_id=message.run_id, index=message.index,
@@ -114,6 +138,9 @@ class StepWorker(Actor[WorkItem]):
                 log.exception("%s: step %s failed", self.name, message.key)
                 result = self._error(message, {"type": type(exc).__name__, "message": str(exc),
                                                "retryable": True, "fields": {}})
+            finally:
+                if beat is not None:
+                    beat.cancel()
             result.duration_ms = (time.perf_counter() - started) * 1000
             self._remember(message, result)
         else:
@@ -129,13 +156,32 @@ class StepWorker(Actor[WorkItem]):
         while len(self._recent) > self.recent_results:
             self._recent.popitem(last=False)
 
+    async def _heartbeat_owner(self, item: WorkItem) -> None:
+        assert self.bus is not None and item.result_to
+        every = float(item.meta["heartbeat_timeout"]) / 3
+        headers = {H_HEARTBEAT: f"{item.index}:{item.attempt}"}
+        while True:
+            await asyncio.sleep(every)
+            with contextlib.suppress(NatsClientError):
+                await self.bus.nc.publish(item.result_to, b"", headers=headers)
+
     async def reply(self, item: WorkItem, result: StepResult) -> None:
-        """Store ``result`` on the run's inbox (durably: we wait for JetStream's ack)."""
+        """Hand ``result`` to the run's owner; failing that, store it on the durable inbox."""
         assert self.bus is not None
+        payload = encode(result)
+        if item.result_to:
+            try:
+                await self.bus.nc.request(item.result_to, payload, timeout=self.reply_timeout)
+                return  # the owner has it in the history
+            except (TimeoutError, NoRespondersError, NatsTimeoutError):
+                pass  # no owner right now: the next one reads the inbox
+            except NatsClientError as exc:
+                log.warning("%s: direct result for %s failed (%r); storing it", self.name,
+                            item.key, exc)
         headers = Envelope(run_id=item.run_id, tenant=item.tenant).to_headers(
             {"Nats-Msg-Id": f"result:{item.key}:{item.attempt}"})
         try:
-            await self.bus.js.publish(item.reply_to, encode(result), headers=headers)
+            await self.bus.js.publish(item.reply_to, payload, headers=headers)
         except (TimeoutError, NatsClientError) as exc:
             # Not stored: raise so the item is naked and the result is sent again later.
             raise NerveError(f"could not deliver the result of {item.key}: {exc!r}",

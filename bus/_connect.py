@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,10 +84,12 @@ class Bus:
     cache the handles.
     """
 
-    def __init__(self, nc: NatsClient, names: Names) -> None:
+    def __init__(self, nc: NatsClient, names: Names,
+                 reconnect_listeners: list[Callable[[], Awaitable[None]]] | None = None) -> None:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream()
         self.names = names
+        self._reconnect_listeners = reconnect_listeners if reconnect_listeners is not None else []
         self._kv: dict[str, KeyValue] = {}
         self._obj: dict[str, ObjectStore] = {}
 
@@ -99,6 +102,10 @@ class Bus:
         if bucket not in self._obj:
             self._obj[bucket] = await self.js.object_store(bucket)
         return self._obj[bucket]
+
+    def on_reconnect(self, listener: Callable[[], Awaitable[None]]) -> None:
+        """Call ``listener`` after every reconnect (state held by the server may be gone)."""
+        self._reconnect_listeners.append(listener)
 
     @property
     def connected_url(self) -> str | None:
@@ -127,9 +134,16 @@ async def connect(options: ConnectOptions | str | None = None) -> Bus:
         if not (nc.is_closed or nc.is_draining):
             log.warning("disconnected from NATS; reconnecting")
 
+    listeners: list[Callable[[], Awaitable[None]]] = []
+
     async def on_reconnect() -> None:
         url = nc.connected_url.geturl() if nc.connected_url else "?"
         log.warning("reconnected to NATS at %s", url)
+        for listener in list(listeners):
+            try:
+                await listener()
+            except Exception:
+                log.exception("reconnect listener failed")
 
     async def on_error(exc: Exception) -> None:
         if nc.is_connected or nc.is_reconnecting:
@@ -163,7 +177,7 @@ async def connect(options: ConnectOptions | str | None = None) -> Bus:
             servers=options.servers,
         ) from None
     nc.options["max_reconnect_attempts"] = -1
-    return Bus(nc, Names(options.prefix))
+    return Bus(nc, Names(options.prefix), listeners)
 
 
 __all__ = ["Bus", "ConnectOptions", "connect"]

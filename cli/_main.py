@@ -10,13 +10,17 @@ from nerve import NerveError, __version__
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from cli import _demo, _sandbox
+    from cli import _demo, _runs, _sandbox, _up, _worker
 
-    parser = argparse.ArgumentParser(prog="nerve", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="nerve", description="nerve: long-lived LLM agents as durable workflows on NATS.")
     parser.add_argument("--version", action="version", version=f"nerve {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _demo.register(sub)
+    _up.register(sub)
+    _worker.register(sub)
+    _runs.register(sub)
     _sandbox.register(sub)
     return parser
 

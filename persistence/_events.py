@@ -202,6 +202,7 @@ class SandboxLost(_Event):
     sandbox_id: str
     host: str | None = None
     reason: str = ""
+    notice_id: str | None = None
 
 
 class SandboxRestored(_Event):
@@ -210,6 +211,7 @@ class SandboxRestored(_Event):
     from_snapshot: str | None
     step_index: int | None
     host: str | None = None
+    notice_id: str | None = None
 
 
 Event = Annotated[

@@ -30,6 +30,7 @@ from persistence._events import EVENTS_ADAPTER, Event, RunStarted
 
 H_MSG_ID = "Nats-Msg-Id"
 H_EXPECTED_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
+H_WRITER = "Nerve-Writer"
 WRONG_LAST_SEQUENCE = 10071
 _DIRECT_BATCH = 1024
 
@@ -53,9 +54,10 @@ class RunHistory:
     the point; the second one gets :class:`~nerve.StaleWriterError`.
     """
 
-    def __init__(self, bus: Bus, run_id: str) -> None:
+    def __init__(self, bus: Bus, run_id: str, writer: str | None = None) -> None:
         self.bus = bus
         self.run_id = run_id
+        self.writer = writer  # stamped on every record (Nerve-Writer), for audits
         self.subject = bus.names.history(run_id)
         self.last_seq = 0  # stream sequence of the last record on the subject (0: none)
         self.length = 0  # number of events in the history
@@ -78,16 +80,17 @@ class RunHistory:
 
     async def records(self, after_seq: int = 0):
         """Yield ``(stream_seq, events)`` per stored record, oldest first."""
-        async for seq, data in direct_get_subject(self.bus, self.bus.names.runs_stream,
-                                                  self.subject, after_seq):
+        async for seq, data, _headers in direct_get_subject(
+                self.bus, self.bus.names.runs_stream, self.subject, after_seq):
             yield seq, decode_record(data)
 
-    async def create(self, started: RunStarted) -> bool:
-        """Write the first event. False if the run already exists (same id): idempotent start."""
+    async def create(self, started: RunStarted, *more: Event) -> bool:
+        """Write the first record (``started`` and any ``more`` events after it). False if the
+        run already exists (same id): an idempotent start."""
         self.last_seq = 0
         self.length = 0
         try:
-            await self.append(started)
+            await self.append(started, *more)
         except StaleWriterError:
             return False
         return True
@@ -103,6 +106,8 @@ class RunHistory:
         payload = encode_record(events)
         msg_id = f"{self.run_id}:{self.length}"
         headers = {H_MSG_ID: msg_id, H_EXPECTED_SUBJECT_SEQ: str(self.last_seq)}
+        if self.writer:
+            headers[H_WRITER] = self.writer
         try:
             ack = await self.bus.js.publish(self.subject, payload, headers=headers)
         except APIError as exc:
@@ -154,46 +159,51 @@ class RunHistory:
 
 async def direct_get_subject(bus: Bus, stream: str, subject: str, after_seq: int = 0,
                              batch: int = _DIRECT_BATCH):
-    """Yield ``(seq, data)`` of every message on ``subject`` after ``after_seq``.
+    """Yield ``(seq, data, headers)`` of every message on ``subject`` after ``after_seq``.
 
-    Uses JetStream's batched direct get (no consumer to create or delete), a thousand
-    messages a round trip.
+    Uses JetStream's batched direct get (no consumer to create or delete), up to ``batch``
+    messages a round trip. Messages of a batch are collected by the subscription callback
+    and handed over together at the end-of-batch marker, which keeps per-message overhead
+    to the client's parsing alone.
     """
     nc = bus.nc
     start = after_seq + 1
     while True:
         inbox = nc.new_inbox()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        sub = await nc.subscribe(inbox, cb=queue.put)
+        got: list[Any] = []
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+        async def collect(msg: Any, got: list[Any] = got, done: asyncio.Future[Any] = done,
+                          ) -> None:
+            status = (msg.headers or {}).get("Status")
+            if status is None:
+                got.append(msg)
+            elif not done.done():
+                done.set_result(msg)
+
+        sub = await nc.subscribe(inbox, cb=collect)
         try:
             req = {"seq": start, "next_by_subj": subject, "batch": batch}
             await nc.publish(f"$JS.API.DIRECT.GET.{stream}", json.dumps(req).encode(),
                              reply=inbox)
-            got = 0
-            more = False
-            while True:
-                msg = await asyncio.wait_for(queue.get(), timeout=5.0)
-                headers = msg.headers or {}
-                status = headers.get("Status")
-                if status:
-                    if status == "404":  # nothing (more) on the subject
-                        return
-                    if status == "408":
-                        raise HistoryError(f"direct get on {stream} timed out", subject=subject)
-                    if status == "204":  # end of batch
-                        more = headers.get("Nats-Num-Pending", "0") != "0" or got >= batch
-                        break
-                    raise HistoryError(f"direct get on {stream} failed: {status} "
-                                       f"{headers.get('Description', '')}", subject=subject)
-                seq = int(headers["Nats-Sequence"])
-                got += 1
-                start = seq + 1
-                yield seq, msg.data
-            if not more:
-                return
+            end = await asyncio.wait_for(done, timeout=10.0)
         except TimeoutError:
             raise HistoryError(f"no answer reading {subject} from {stream}",
                                subject=subject, retryable=True) from None
         finally:
             with contextlib.suppress(NatsClientError):
                 await sub.unsubscribe()
+        headers = end.headers or {}
+        status = headers.get("Status")
+        if status not in ("204", "404"):
+            raise HistoryError(f"direct get on {stream} failed: {status} "
+                               f"{headers.get('Description', '')}", subject=subject)
+        for msg in got:
+            h = msg.headers or {}
+            seq = int(h["Nats-Sequence"])
+            start = seq + 1
+            yield seq, msg.data, h
+        # 404: nothing (more) on the subject; 204 (end of batch) with more pending: go on.
+        if status == "404" or (headers.get("Nats-Num-Pending", "0") == "0"
+                               and len(got) < batch):
+            return

@@ -18,8 +18,17 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from actors import StepResult
 
 
+class ForkSpec(BaseModel):
+    """Start the run as a fork of ``run_id``: its first ``at`` history events, then live."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_id: str = Field(pattern=r"^[A-Za-z0-9_\-]{1,128}$")
+    at: int = Field(ge=1)
+
+
 class TaskRequest(BaseModel):
-    """A task to start a run with. Only ``task`` (or ``input``) is required."""
+    """A task to start a run with. Only ``task`` (or ``input``, or ``fork``) is required."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -32,6 +41,7 @@ class TaskRequest(BaseModel):
     tools: list[str] | None = None
     model: str | None = None
     max_turns: int | None = Field(default=None, ge=1, le=10_000)
+    fork: ForkSpec | None = None
 
 
 class SignalMessage(BaseModel):

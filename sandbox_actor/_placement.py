@@ -31,6 +31,7 @@ from nats.js.errors import APIError, NotFoundError
 from actors import WorkItem, decode
 from bus import Bus
 from sandbox_actor._records import Assignments, SandboxAssignment, parse_key
+from sandbox_actor._snapshots import WorkspaceStore
 from sandbox_actor._types import SandboxSpec
 from supervisor import watch_leases
 
@@ -201,6 +202,16 @@ class Placement:
             return decode(raw.data or b"", WorkItem)
         return None
 
+    async def _fork_origin(self, fork_of: dict) -> str | None:
+        """The snapshot a forked run's sandbox starts from: the parent sandbox's snapshot
+        after its last sandbox step at or before the fork point (the workflow side sends
+        ``fork_of = {"sandbox_id", "step_index"}``)."""
+        parent, index = fork_of.get("sandbox_id"), fork_of.get("step_index")
+        if not parent or index is None:
+            return None
+        ref = await WorkspaceStore(self.bus).at_step(str(parent), int(index))
+        return ref.name if ref else None
+
     async def ensure_placed(self, sid: str, hint: WorkItem | None) -> SandboxAssignment | None:
         """Make sure ``sid`` is assigned to a live host; return its assignment."""
         lock = self._locks.setdefault(sid, asyncio.Lock())
@@ -229,6 +240,9 @@ class Placement:
                 spec = SandboxSpec.model_validate(meta or {}).model_copy(update={
                     "sandbox_id": sid, "run_id": item.run_id,
                     "tenant": (meta or {}).get("tenant") or item.tenant})
+                fork_of = (meta or {}).get("fork_of")
+                if spec.from_snapshot is None and isinstance(fork_of, dict):
+                    spec.from_snapshot = await self._fork_origin(fork_of)
                 record = SandboxAssignment(sandbox_id=sid, run_id=item.run_id,
                                            tenant=spec.tenant, inbox=item.reply_to,
                                            spec=spec, host=host, generation=1,

@@ -93,7 +93,9 @@ class Lease:
         record = LeaseRecord(self.holder, self._acquired_at or now, now, self.ttl, self.data)
         headers = {H_TTL: f"{int(self.ttl * 1000)}ms", H_EXPECTED: str(expected)}
         started = time.monotonic()
-        ack = await self.bus.js.publish(self._subject(), record.encode(), headers=headers)
+        # Waiting longer than the TTL is pointless: the lease would have lapsed anyway.
+        ack = await self.bus.js.publish(self._subject(), record.encode(), headers=headers,
+                                        timeout=max(1.0, self.ttl / 2))
         # Count validity from before the write: the server's clock started no earlier.
         self._valid_until = started + self.ttl
         return ack.seq
@@ -228,16 +230,23 @@ class LeaseChange:
     revision: int
 
 
-async def watch_leases(bus: Bus, pattern: str = ">") -> AsyncIterator[LeaseChange]:
+async def watch_leases(bus: Bus, pattern: str = ">",
+                       initial_done: asyncio.Event | None = None,
+                       ) -> AsyncIterator[LeaseChange | None]:
     """Follow lease keys matching ``pattern``: current values first, then every change.
 
-    An expired or released lease shows up as a change with ``record=None``.
+    An expired or released lease shows up as a change with ``record=None``. With
+    ``initial_done``, the event is set and ``None`` is yielded once the current values have
+    all been delivered.
     """
     kv = await bus.kv(bus.names.leases_bucket)
     watcher = await kv.watch(pattern)
     try:
         async for entry in watcher:
             if entry is None:  # end of the initial values
+                if initial_done is not None and not initial_done.is_set():
+                    initial_done.set()
+                    yield None
                 continue
             record = None
             if entry.operation is None and entry.value:
@@ -246,3 +255,23 @@ async def watch_leases(bus: Bus, pattern: str = ">") -> AsyncIterator[LeaseChang
     finally:
         with contextlib.suppress(NatsClientError):
             await watcher.stop()
+
+
+async def lease_keys(bus: Bus, pattern: str) -> list[str]:
+    """The live keys matching a subject ``pattern`` (``run.*``) in the leases bucket.
+
+    (nats-py's ``KeyValue.keys(filters=...)`` matches substrings, not subject wildcards.)
+    """
+    kv = await bus.kv(bus.names.leases_bucket)
+    watcher = await kv.watch(pattern, meta_only=True, ignore_deletes=True)
+    keys: list[str] = []
+    try:
+        async for entry in watcher:
+            if entry is None:
+                break
+            if entry.operation is None:
+                keys.append(entry.key)
+    finally:
+        with contextlib.suppress(NatsClientError):
+            await watcher.stop()
+    return keys

@@ -188,10 +188,15 @@ async def test_fork_diverges_from_its_origin(bus: Bus, host: SandboxHost,
     snapshot = (await inbox.wait_result(1)).result["snapshot"]
     # Two forks of that snapshot, each its own run and sandbox.
     forks = {}
+    # One names the snapshot; the other says what the workflow engine's forks say: the
+    # parent sandbox and the step index to start after.
+    metas = {"fork-a": {"sandbox": {"from_snapshot": snapshot}},
+             "fork-b": {"sandbox": {"id": "fork-b", "tenant": "acme",
+                                    "fork_of": {"sandbox_id": run_id, "step_index": 1}}}}
     for name in ("fork-a", "fork-b"):
         fin = Inbox(bus, name)
         await fin.start()
-        meta = {"sandbox": {"from_snapshot": snapshot}}
+        meta = metas[name]
         await publish_step(bus, name, 1, "exec", {"cmd": f"echo {name} >> f; cat f; "
                                                          f"touch only-{name}; ls"}, meta=meta)
         forks[name] = fin

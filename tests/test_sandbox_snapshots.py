@@ -19,6 +19,7 @@ from sandbox_actor._fs import mounts_under
 from tests._sandbox import backend_config, needs_ns, sandbox_uid_processes, sh, state_dir
 
 pytestmark = needs_ns
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -98,7 +99,7 @@ async def test_janitor_reclaims_what_a_killed_host_left(tmp_path: Path) -> None:
         "asyncio.run(main())\n")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", script, stdout=asyncio.subprocess.PIPE,
-        cwd=Path(__file__).resolve().parents[1])
+        cwd=ROOT)
     assert proc.stdout is not None
     async with asyncio.timeout(30):
         assert (await proc.stdout.readline()).strip() == b"ready"

@@ -1,1 +1,46 @@
-"""workflow (in progress)."""
+"""The state: the durable workflow engine, the orchestrator, activities and the agent loop."""
+
+from workflow._activity import ActivityContext, ActivityWorker
+from workflow._agent import AgentInput, call_digest
+from workflow._client import NerveClient, RunSummary, summarize
+from workflow._context import RunContext, SandboxSteps
+from workflow._definition import (
+    ActivityRegistry,
+    WorkflowDefinition,
+    WorkflowRegistry,
+    activities,
+    activity,
+    workflow,
+    workflows,
+)
+from workflow._instance import InstanceState, Signal, WorkflowInstance
+from workflow._loop import WorkflowSandboxViolation
+from workflow._orchestrator import Orchestrator, RunRecord
+from workflow._policy import DEFAULT_POLICIES, RetryPolicy
+
+__all__ = [
+    "DEFAULT_POLICIES",
+    "ActivityContext",
+    "ActivityRegistry",
+    "ActivityWorker",
+    "AgentInput",
+    "InstanceState",
+    "NerveClient",
+    "Orchestrator",
+    "RetryPolicy",
+    "RunContext",
+    "RunRecord",
+    "RunSummary",
+    "SandboxSteps",
+    "Signal",
+    "WorkflowDefinition",
+    "WorkflowInstance",
+    "WorkflowRegistry",
+    "WorkflowSandboxViolation",
+    "activities",
+    "activity",
+    "call_digest",
+    "summarize",
+    "workflow",
+    "workflows",
+]

@@ -1,0 +1,46 @@
+"""The roles a ``nerve worker`` process can play, each an async function of the bus.
+
+A role runs until cancelled. Parts register their roles here by import path, so a worker
+imports only what its role needs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bus import Bus
+from nerve._errors import ConfigError
+
+
+@dataclass(slots=True)
+class RoleOptions:
+    """What a role gets besides the bus."""
+
+    id: str
+    data_dir: Path | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+RoleRunner = Callable[[Bus, RoleOptions], Awaitable[None]]
+
+ROLES: dict[str, str] = {
+    "orchestrator": "workflow._roles:run_orchestrator",
+    "activity": "workflow._roles:run_activity_worker",
+    "sandbox": "sandbox_actor._roles:run_sandbox_host",
+}
+
+# What `nerve up` starts by default, in start order.
+DEFAULT_UP_ROLES: list[str] = ["orchestrator", "activity"]
+
+
+def load_role(role: str) -> RoleRunner:
+    try:
+        target = ROLES[role]
+    except KeyError:
+        raise ConfigError(f"unknown role {role!r}; roles: {', '.join(sorted(ROLES))}") from None
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)

@@ -1,0 +1,248 @@
+"""Client commands: ``nerve run``, ``runs``, ``show``, ``signal``, ``cancel``, ``replay``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from typing import Any
+
+from actors import run
+from cli._target import add_target_args, connect_target
+from cli._worker import import_workflow_modules
+from nerve._errors import ConfigError, RunNotFound
+from persistence import RunHistory
+from workflow import NerveClient, RunSummary, summarize
+from workflow._replay import replay_run
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("run", help="submit a task and print its run id")
+    p.add_argument("task", help="what the agent should do")
+    p.add_argument("--tenant", default="default")
+    p.add_argument("--workflow", default="agent")
+    p.add_argument("--input", default=None, help="JSON input for the workflow")
+    p.add_argument("--wait", action="store_true", help="wait for the run to end")
+    p.add_argument("--follow", action="store_true", help="print the run's events as they come")
+    p.add_argument("--timeout", type=float, default=None)
+    p.add_argument("--json", action="store_true")
+    add_target_args(p)
+    p.set_defaults(func=lambda a: run(_run(a)))
+
+    p = sub.add_parser("runs", help="list runs")
+    p.add_argument("--tenant", default=None)
+    p.add_argument("--status", default=None)
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--json", action="store_true")
+    add_target_args(p)
+    p.set_defaults(func=lambda a: run(_runs(a)))
+
+    p = sub.add_parser("show", help="a run's history, readable")
+    p.add_argument("run_id")
+    p.add_argument("--json", action="store_true")
+    add_target_args(p)
+    p.set_defaults(func=lambda a: run(_show(a)))
+
+    p = sub.add_parser("signal", help="send a signal (an approval, say) to a run")
+    p.add_argument("run_id")
+    p.add_argument("name")
+    p.add_argument("payload", nargs="?", default=None, help="JSON payload")
+    p.add_argument("--sender", default=None)
+    p.add_argument("--approves", default=None, help="digest of the tool call approved")
+    add_target_args(p)
+    p.set_defaults(func=lambda a: run(_signal(a)))
+
+    p = sub.add_parser("cancel", help="cancel a run")
+    p.add_argument("run_id")
+    p.add_argument("--reason", default="cancelled from the CLI")
+    add_target_args(p)
+    p.set_defaults(func=lambda a: run(_cancel(a)))
+
+    p = sub.add_parser("fork", help="start a new run from the first N events of a run "
+                                    "(its sandbox starts from the snapshot at that point)")
+    p.add_argument("run_id")
+    p.add_argument("--at", type=int, required=True, help="history index to fork at (1..)")
+    p.add_argument("--wait", action="store_true")
+    p.add_argument("--json", action="store_true")
+    add_target_args(p)
+    p.set_defaults(func=lambda a: run(_fork(a)))
+
+    p = sub.add_parser("replay", help="replay a run's history against the current code")
+    p.add_argument("run_id")
+    p.add_argument("--workflows", action="append", default=[])
+    p.add_argument("--json", action="store_true")
+    add_target_args(p)
+    p.set_defaults(func=lambda a: run(_replay(a)))
+
+
+def _json_arg(text: str | None, what: str) -> Any:
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"{what} is not valid JSON: {exc}") from None
+
+
+def _summary_dict(s: RunSummary) -> dict[str, Any]:
+    return {"run_id": s.run_id, "tenant": s.tenant, "workflow": s.workflow,
+            "version": s.version, "status": s.status, "started_at": s.started_at,
+            "ended_at": s.ended_at, "result": s.result, "error": s.error, "steps": s.steps,
+            "events": s.events, "waiting_for": s.waiting_for, "blocked": s.blocked}
+
+
+async def _run(args: argparse.Namespace) -> int:
+    bus = await connect_target(args)
+    client = NerveClient(bus)
+    try:
+        run_id = await client.submit(args.tenant, args.task, workflow=args.workflow,
+                                     input=_json_arg(args.input, "--input"))
+        if not (args.wait or args.follow):
+            print(json.dumps({"run_id": run_id}) if args.json else run_id)
+            return 0
+        if args.follow:
+            await _follow(bus, run_id)
+        summary = await client.wait(run_id, timeout=args.timeout)
+        if args.json:
+            print(json.dumps(_summary_dict(summary), default=str))
+        else:
+            outcome = summary.result if summary.result is not None else summary.error
+            print(f"{run_id} {summary.status}: {json.dumps(outcome, default=str)}")
+        return 0 if summary.status == "completed" else 1
+    finally:
+        await bus.close()
+
+
+async def _follow(bus, run_id: str) -> None:
+    from actors import decode
+    from persistence import StreamEvent
+
+    sub = await bus.js.subscribe(bus.names.stream(run_id), ordered_consumer=True)
+    try:
+        while True:
+            msg = await sub.next_msg(timeout=None)
+            ev = decode(msg.data, StreamEvent)
+            if ev.type == "token":
+                sys.stdout.write(ev.data.get("text", ""))
+                sys.stdout.flush()
+            else:
+                print(f"\n[{ev.type}] {json.dumps(ev.data, default=str)[:400]}", flush=True)
+            if ev.type == "status" and ev.data.get("status") in (
+                    "completed", "failed", "cancelled", "blocked"):
+                return
+    finally:
+        await sub.unsubscribe()
+
+
+async def _list_run_ids(bus) -> list[str]:
+    names = bus.names
+    info = await bus.js.stream_info(names.runs_stream, subjects_filter=names.history("*"))
+    subjects = (info.state.subjects or {}) if info.state else {}
+    return [s.split(".")[-2] for s in subjects]
+
+
+async def _runs(args: argparse.Namespace) -> int:
+    bus = await connect_target(args)
+    try:
+        rows = []
+        for run_id in await _list_run_ids(bus):
+            events = await RunHistory(bus, run_id).read()
+            if not events:
+                continue
+            s = summarize(events)
+            if (args.tenant and s.tenant != args.tenant) or (args.status and
+                                                              s.status != args.status):
+                continue
+            rows.append(s)
+        rows.sort(key=lambda s: s.started_at, reverse=True)
+        rows = rows[:args.limit]
+        if args.json:
+            print(json.dumps([_summary_dict(s) for s in rows], default=str))
+            return 0
+        print(f"{'RUN':<30} {'TENANT':<12} {'WORKFLOW':<12} {'STATUS':<10} {'STEPS':>5}  STARTED")
+        for s in rows:
+            started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.started_at))
+            print(f"{s.run_id:<30} {s.tenant:<12} {s.workflow:<12} {s.status:<10} "
+                  f"{s.steps:>5}  {started}")
+        return 0
+    finally:
+        await bus.close()
+
+
+async def _show(args: argparse.Namespace) -> int:
+    bus = await connect_target(args)
+    try:
+        events = await NerveClient(bus).history(args.run_id)
+        if args.json:
+            print(json.dumps({"summary": _summary_dict(summarize(events)),
+                              "events": [e.model_dump(mode="json") for e in events]}))
+            return 0
+        s = summarize(events)
+        print(f"run {s.run_id}  tenant {s.tenant}  workflow {s.workflow} v{s.version}  "
+              f"status {s.status}")
+        t0 = events[0].at
+        for n, ev in enumerate(events):
+            fields = ev.model_dump(mode="json", exclude={"v", "at", "type"}, exclude_defaults=True)
+            text = json.dumps(fields, default=str)
+            print(f"{n:>4} +{ev.at - t0:8.3f}s  {ev.type:<16} {text[:160]}")
+        return 0
+    finally:
+        await bus.close()
+
+
+async def _signal(args: argparse.Namespace) -> int:
+    bus = await connect_target(args)
+    try:
+        await NerveClient(bus).history(args.run_id)  # a clear error for an unknown run
+        sid = await NerveClient(bus).signal(args.run_id, args.name,
+                                            _json_arg(args.payload, "payload"),
+                                            sender=args.sender or "cli", approves=args.approves)
+        print(sid)
+        return 0
+    finally:
+        await bus.close()
+
+
+async def _cancel(args: argparse.Namespace) -> int:
+    bus = await connect_target(args)
+    try:
+        await NerveClient(bus).history(args.run_id)
+        await NerveClient(bus).cancel(args.run_id, args.reason, by="cli")
+        return 0
+    finally:
+        await bus.close()
+
+
+async def _fork(args: argparse.Namespace) -> int:
+    bus = await connect_target(args)
+    try:
+        client = NerveClient(bus)
+        parent = await client.summary(args.run_id)
+        new_id = await client.fork(args.run_id, args.at, tenant=parent.tenant)
+        if args.wait:
+            summary = await client.wait(new_id)
+            print(json.dumps(_summary_dict(summary), default=str) if args.json
+                  else f"{new_id} {summary.status}")
+            return 0 if summary.status == "completed" else 1
+        print(json.dumps({"run_id": new_id}) if args.json else new_id)
+        return 0
+    finally:
+        await bus.close()
+
+
+async def _replay(args: argparse.Namespace) -> int:
+    import_workflow_modules(args.workflows)
+    bus = await connect_target(args)
+    try:
+        report = await replay_run(bus, args.run_id)
+    except RunNotFound as exc:
+        raise RunNotFound(f"no run {args.run_id}") from exc
+    finally:
+        await bus.close()
+    if args.json:
+        print(json.dumps(dataclasses.asdict(report), default=str))
+    else:
+        print(report.describe())
+    return 0 if report.deterministic else 1

@@ -1,0 +1,218 @@
+"""``nerve up``: everything on one machine, each role its own supervised OS process.
+
+The process tree: this process supervises the embedded ``nats-server`` (unless
+``--nats-url`` names one) and one ``nerve worker --role R`` process per role. Any of them
+can be SIGKILLed: the supervisor restarts it (a role under the same id resumes its work at
+once). ``<data-dir>/nerve.json`` says where everything is, and is rewritten whenever a
+process restarts. Ctrl-C (or SIGTERM) stops the roles, then the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from actors import ask, run
+from bus import Bus, ConnectOptions, EmbeddedNats, EmbeddedNatsConfig, connect, provision
+from cli._roles import DEFAULT_UP_ROLES, ROLES
+from cli._target import STATE_FILE, default_data_dir
+from nerve._errors import BusError, ConfigError, NerveError
+from supervisor import ChildSpec, OsProcess, Strategy, Supervisor, SupervisorEvent
+
+log = logging.getLogger("nerve.cli.up")
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("up", help="run everything on this machine (embedded NATS + all roles)")
+    add_up_args(p)
+    p.set_defaults(func=lambda args: run(up_main(args)))
+
+
+def add_up_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help=f"state and NATS store (default {default_data_dir()})")
+    p.add_argument("--nats-port", type=int, default=0, help="NATS port (0 = a free one)")
+    p.add_argument("--nats-url", default=None,
+                   help="use this NATS server/cluster instead of starting one")
+    p.add_argument("--prefix", default="nerve", help="deployment prefix")
+    p.add_argument("--roles", default=",".join(DEFAULT_UP_ROLES),
+                   help=f"roles to run (default {','.join(DEFAULT_UP_ROLES)}; "
+                        f"known: {','.join(sorted(ROLES))})")
+    p.add_argument("--workflows", action="append", default=[],
+                   help="a module registering your workflows/activities (repeatable)")
+    p.add_argument("--lazy-sync", action="store_true",
+                   help="NATS fsyncs lazily (faster; acked writes can be lost on power loss)")
+    p.add_argument("--set", action="append", default=[], metavar="ROLE.KEY=VALUE",
+                   help="a setting for one role, e.g. orchestrator.host_ttl=1")
+
+
+class Cluster:
+    """The supervised process tree of one ``nerve up``."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.data_dir: Path = (args.data_dir or default_data_dir()).resolve()
+        self.roles = [r.strip() for r in args.roles.split(",") if r.strip()]
+        unknown = [r for r in self.roles if r not in ROLES]
+        if unknown:
+            raise ConfigError(f"unknown role(s) {', '.join(unknown)}; known: "
+                              f"{', '.join(sorted(ROLES))}")
+        self.server: EmbeddedNats | None = None
+        self.nats_url: str = args.nats_url or ""
+        self.procs: dict[str, OsProcess] = {}
+        self.supervisor: Supervisor | None = None
+        self.http_url: str | None = None
+        self._state_lock = asyncio.Lock()
+        self._rewrites: set[asyncio.Task[None]] = set()
+        self._tree: asyncio.Task[None] | None = None
+
+    def role_id(self, role: str) -> str:
+        return f"{role}-1"
+
+    def _role_settings(self, role: str) -> list[str]:
+        out = []
+        for pair in self.args.set:
+            scope, _, rest = pair.partition(".")
+            if scope == role and rest:
+                out += ["--set", rest]
+        return out
+
+    async def start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        (self.data_dir / STATE_FILE).unlink(missing_ok=True)
+        logs = self.data_dir / "logs"
+        logs.mkdir(exist_ok=True)
+        children: list[ChildSpec] = []
+        if not self.nats_url:
+            self.server = EmbeddedNats(EmbeddedNatsConfig(
+                store_dir=self.data_dir / "nats", port=self.args.nats_port,
+                sync_always=not self.args.lazy_sync))
+            await self.server.start()
+            self.nats_url = self.server.url
+            children.append(ChildSpec("nats-server", self.server.run, shutdown=15))
+        bus = await connect(ConnectOptions(servers=[self.nats_url], prefix=self.args.prefix,
+                                           name="nerve-up"))
+        try:
+            await provision(bus)
+            env = dict(os.environ, PYTHONUNBUFFERED="1")
+            for role in self.roles:
+                ident = self.role_id(role)
+                argv = [sys.executable, "-m", "cli", "worker", "--role", role, "--id", ident,
+                        "--nats-url", self.nats_url, "--prefix", self.args.prefix,
+                        "--data-dir", str(self.data_dir), *self._role_settings(role)]
+                for module in self.args.workflows:
+                    argv += ["--workflows", module]
+                proc = OsProcess(role, argv, env=env, log_file=logs / f"{role}.log",
+                                 term_timeout=10)
+                self.procs[role] = proc
+                children.append(ChildSpec(role, proc.run, shutdown=15))
+            self.supervisor = Supervisor("nerve-up", children, strategy=Strategy.ONE_FOR_ONE,
+                                         intensity=10, period=30,
+                                         on_event=[self._on_supervisor_event])
+            self._tree = asyncio.create_task(self.supervisor.run(), name="nerve-up-tree")
+            await self._wait_roles_ready(bus)
+            await self.write_state()
+        finally:
+            await bus.close()
+
+    async def _wait_roles_ready(self, bus: Bus, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        pending = set(self.roles)
+        while pending:
+            assert self._tree is not None
+            if self._tree.done():
+                self._tree.result()  # raises the escalation
+            for role in list(pending):
+                with contextlib.suppress(BusError, NerveError):
+                    await ask(bus, bus.names.ctl(f"role.{self.role_id(role)}.ping"), {},
+                              timeout=0.5)
+                    pending.discard(role)
+            if pending and time.monotonic() > deadline:
+                raise ConfigError(f"roles {', '.join(sorted(pending))} did not start within "
+                                  f"{timeout}s; see {self.data_dir / 'logs'}")
+            if pending:
+                await asyncio.sleep(0.1)
+
+    async def _on_supervisor_event(self, event: SupervisorEvent) -> None:
+        if event.kind in ("started", "restarting") and self.procs:
+            self._rewrite_soon()
+        if event.kind == "crashed":
+            print(f"nerve: {event.child} crashed ({event.reason}); restarting", flush=True)
+
+    def _rewrite_soon(self) -> None:
+        async def rewrite() -> None:
+            for _ in range(100):  # the new process gets its pid a moment after "started"
+                if all(p.pid for p in self.procs.values()):
+                    break
+                await asyncio.sleep(0.02)
+            await self.write_state()
+
+        task = asyncio.get_running_loop().create_task(rewrite())
+        self._rewrites.add(task)
+        task.add_done_callback(self._rewrites.discard)
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "nats_url": self.nats_url,
+            "http_url": self.http_url,
+            "prefix": self.args.prefix,
+            "data_dir": str(self.data_dir),
+            "pid": os.getpid(),
+            "nats_pid": self.server.pid if self.server else None,
+            "roles": {role: {"id": self.role_id(role), "pid": p.pid}
+                      for role, p in self.procs.items()},
+            "updated_at": time.time(),
+        }
+
+    async def write_state(self) -> None:
+        async with self._state_lock:
+            path = self.data_dir / STATE_FILE
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.state(), indent=2))
+            tmp.replace(path)  # atomic: readers never see half a file
+
+    async def wait(self) -> None:
+        assert self._tree is not None
+        await self._tree
+
+    async def stop(self) -> None:
+        if self._tree is not None:
+            self._tree.cancel()
+            with contextlib.suppress(asyncio.CancelledError, NerveError):
+                await self._tree
+        if self.server is not None:
+            await self.server.stop()
+        (self.data_dir / STATE_FILE).unlink(missing_ok=True)
+
+
+async def up_main(args: argparse.Namespace) -> int:
+    cluster = Cluster(args)
+    main = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: main.cancel() if main else None)
+    try:
+        await cluster.start()
+        st = cluster.state()
+        print(f"nerve is up ({len(cluster.roles)} roles, data in {cluster.data_dir})")
+        print(f"  NATS:   {st['nats_url']}   (prefix {args.prefix})")
+        for role, info in st["roles"].items():
+            print(f"  {role:<13} pid {info['pid']}   log {cluster.data_dir / 'logs' / role}.log")
+        print(f"  state:  {cluster.data_dir / STATE_FILE}")
+        print(f"try:  nats pub --server {st['nats_url']} {args.prefix}.tasks.acme "
+              "'{\"task\": \"...\"}'   or   nerve run \"...\"", flush=True)
+        await cluster.wait()
+    except asyncio.CancelledError:
+        print("nerve: stopping", flush=True)
+    finally:
+        await cluster.stop()
+    return 0

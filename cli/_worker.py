@@ -1,0 +1,104 @@
+"""``nerve worker --role R``: one role of nerve in this process, against any NATS."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import logging
+import os
+import signal
+import socket
+import time
+from typing import Any
+
+from actors import Actor, Delivery, Requests, run
+from bus import Bus, provision
+from cli._roles import ROLES, RoleOptions, load_role
+from cli._target import add_target_args, connect_target
+from nerve._errors import ConfigError
+
+log = logging.getLogger("nerve.cli.worker")
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("worker", help="run one role (orchestrator, gateway, sandbox, ...)")
+    p.add_argument("--role", required=True, choices=sorted(ROLES))
+    p.add_argument("--id", default=None, help="a stable id for this process (default: "
+                   "<role>-<hostname>); a restart under the same id resumes its work at once")
+    p.add_argument("--workflows", action="append", default=[],
+                   help="import this module first (it registers workflows/activities/tools); "
+                        "repeatable, or NERVE_WORKFLOWS=a,b")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a role setting (repeatable)")
+    add_target_args(p)
+    p.set_defaults(func=lambda args: run(worker_main(args)))
+
+
+def import_workflow_modules(modules: list[str]) -> None:
+    env = os.environ.get("NERVE_WORKFLOWS", "")
+    for name in [*modules, *[m for m in env.split(",") if m.strip()]]:
+        try:
+            importlib.import_module(name.strip())
+        except ImportError as exc:
+            raise ConfigError(f"cannot import workflows module {name!r}: {exc}") from None
+
+
+def parse_settings(pairs: list[str]) -> dict[str, Any]:
+    settings: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set wants KEY=VALUE, got {pair!r}")
+        settings[key] = value
+    return settings
+
+
+class RoleStatus(Actor[dict]):
+    """Answers ``<prefix>.ctl.role.<id>.ping`` so `nerve up` and operators can see it live."""
+
+    message_type = dict
+
+    def __init__(self, role: str, ident: str) -> None:
+        super().__init__(f"role-status-{ident}")
+        self.role, self.ident = role, ident
+        self.started_at = time.time()
+
+    def mailbox(self) -> Requests:
+        assert self.bus is not None
+        return Requests(subject=self.bus.names.ctl(f"role.{self.ident}.ping"))
+
+    async def handle(self, message: dict, delivery: Delivery) -> dict[str, Any]:
+        return {"role": self.role, "id": self.ident, "pid": os.getpid(),
+                "host": socket.gethostname(), "started_at": self.started_at}
+
+
+async def worker_main(args: argparse.Namespace) -> int:
+    import_workflow_modules(args.workflows)
+    ident = args.id or f"{args.role}-{socket.gethostname()}".replace(".", "-")
+    runner = load_role(args.role)
+    bus: Bus = await connect_target(args, name=f"nerve-{ident}")
+    await provision(bus)
+    opts = RoleOptions(id=ident, data_dir=args.data_dir, settings=parse_settings(args.set))
+    status = RoleStatus(args.role, ident)
+    main = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: main.cancel() if main else None)
+    role_task = asyncio.create_task(runner(bus, opts), name=f"role:{args.role}")
+    await status.start(bus)
+    log.info("worker %s (%s) running, pid %d", ident, args.role, os.getpid())
+    try:
+        await role_task
+    except asyncio.CancelledError:
+        role_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await role_task
+    finally:
+        await status.stop()
+        await bus.close()
+    return 0
+
+
+__all__ = ["RoleStatus", "import_workflow_modules", "register", "worker_main"]

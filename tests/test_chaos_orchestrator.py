@@ -1,0 +1,164 @@
+"""Chaos: orchestrator processes SIGKILLed at the dangerous points and at random ones.
+
+Real ``nerve worker --role orchestrator`` processes against the session's nats-server.
+The activity worker runs here, appending one line per execution to a file, so a step done
+twice would show. Every test is bounded in time and in the number of kills.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import random
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+import tests.chaos_workflows  # noqa: F401 - registers `chaos` and `count` here too
+from bus import Bus, EmbeddedNats
+from persistence import OwnerChanged, RunHistory, StepCompleted, direct_get_subject
+from persistence._history import H_WRITER
+from workflow import ActivityWorker, NerveClient, Orchestrator, RunRecord, WorkflowRegistry
+
+pytestmark = pytest.mark.timeout(180)
+
+
+class OrchestratorProcs:
+    """Starts orchestrator worker processes for one test and cleans them all up."""
+
+    def __init__(self, server: EmbeddedNats, prefix: str, effects: Path) -> None:
+        self.server, self.prefix, self.effects = server, prefix, effects
+        self.procs: list[asyncio.subprocess.Process] = []
+
+    async def start(self, ident: str, crash_at: str = "") -> asyncio.subprocess.Process:
+        env = dict(os.environ, NERVE_CRASH_AT=crash_at, NERVE_TEST_EFFECTS=str(self.effects))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "cli", "worker", "--role", "orchestrator", "--id", ident,
+            "--nats-url", self.server.url, "--prefix", self.prefix,
+            "--workflows", "tests.chaos_workflows", "--set", "host_ttl=1",
+            env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        self.procs.append(proc)
+        return proc
+
+    async def close(self) -> None:
+        for proc in self.procs:
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
+
+
+@pytest.fixture
+async def procs(nats_server: EmbeddedNats, prefix: str, bus: Bus, tmp_path: Path,
+                monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[OrchestratorProcs]:
+    effects = tmp_path / "effects.log"
+    effects.touch()
+    monkeypatch.setenv("NERVE_TEST_EFFECTS", str(effects))
+    worker = ActivityWorker()
+    await worker.start(bus)
+    p = OrchestratorProcs(nats_server, prefix, effects)
+    yield p
+    await p.close()
+    await worker.stop()
+
+
+def executions(effects: Path) -> collections.Counter[str]:
+    return collections.Counter(line.split()[0] for line in effects.read_text().splitlines())
+
+
+async def completed_steps(bus: Bus, run_id: str) -> int:
+    return sum(isinstance(e, StepCompleted) for e in await RunHistory(bus, run_id).read())
+
+
+async def check_run(bus: Bus, client: NerveClient, run_id: str, steps: int, effects: Path,
+                    ) -> None:
+    summary = await client.wait(run_id, timeout=60)
+    assert summary.status == "completed", summary
+    assert summary.result["total"] == sum(i * i for i in range(steps))
+    done = executions(effects)
+    mine = {k: n for k, n in done.items() if k.startswith(run_id + ":")}
+    assert len(mine) == steps, f"expected {steps} distinct effects, got {sorted(mine)}"
+    assert all(n == 1 for n in mine.values()), f"an effect happened twice: {mine}"
+    # One writer at a time: record writers' epochs never go backwards.
+    epochs = []
+    async for _seq, _data, headers in direct_get_subject(bus, bus.names.runs_stream,
+                                                         bus.names.history(run_id)):
+        if headers.get(H_WRITER):
+            epochs.append(int(headers[H_WRITER].rsplit(":", 1)[1]))
+    assert epochs == sorted(epochs)
+
+
+async def test_sigkill_at_every_dangerous_point(bus: Bus, procs: OrchestratorProcs) -> None:
+    client = NerveClient(bus)
+    steps = 12  # count(0..5) = steps 0..5, then count(6) = 6, sleep = 7, count(7..11) = 8..12
+    run_id = await client.submit("acme", workflow="chaos",
+                                 input={"steps": steps, "sleep_at": 6, "sleep": 0.5})
+    plan = [("orch-1", "scheduled:1"), ("orch-1", "dispatched:2"), ("orch-2", "result:3"),
+            ("orch-1", "scheduled:5"), ("orch-2", "dispatched:6"), ("orch-2", "scheduled:7"),
+            ("orch-1", "result:8"), ("orch-3", "dispatched:10"), ("orch-1", "scheduled:12")]
+    kills = 0
+    for ident, point in plan:
+        proc = await procs.start(ident, crash_at=point)
+        try:
+            code = await asyncio.wait_for(proc.wait(), timeout=30)
+        except TimeoutError:
+            pytest.fail(f"{ident} never reached {point}")
+        assert code == -signal.SIGKILL, f"{ident} exited with {code} instead of dying at {point}"
+        kills += 1
+    assert kills == len(plan)
+    await procs.start("orch-4")  # no more crashes: it must finish the run
+    await check_run(bus, client, run_id, steps, procs.effects)
+    owners = [e for e in await RunHistory(bus, run_id).read() if isinstance(e, OwnerChanged)]
+    assert len(owners) >= len(plan)
+
+
+async def test_sigkill_at_random_points_many_times(bus: Bus, procs: OrchestratorProcs) -> None:
+    client = NerveClient(bus)
+    steps = 40
+    rng = random.Random(20261124)
+    run_id = await client.submit("acme", workflow="chaos", input={"steps": steps})
+    for n in range(10):
+        proc = await procs.start(f"orch-{n % 3}")
+        await asyncio.sleep(rng.uniform(0.3, 1.2))
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+        if (await client.summary(run_id)).done:
+            break
+    await procs.start("orch-final")
+    await check_run(bus, client, run_id, steps, procs.effects)
+
+
+async def test_two_orchestrators_race_for_an_orphaned_run(bus: Bus) -> None:
+    """A run whose owner died; two orchestrators start at once; exactly one takes it."""
+    registry = WorkflowRegistry()
+
+    @registry.register(name="parked")
+    async def parked(ctx, inp):
+        return (await ctx.wait_signal("go", timeout=120)).value
+
+    from persistence import RunStarted
+
+    for round_ in range(5):
+        run_id = f"orphan-{round_}"
+        started = RunStarted(run_id=run_id, tenant="acme", workflow="parked", version="1")
+        assert await RunHistory(bus, run_id).create(started)
+        kv = await bus.kv(bus.names.leases_bucket)
+        await kv.create(bus.names.run_lease(run_id), RunRecord("ghost", 1, "acme").encode())
+        a = Orchestrator(bus, f"race-a{round_}", registry=registry, host_ttl=1)
+        b = Orchestrator(bus, f"race-b{round_}", registry=registry, host_ttl=1)
+        await asyncio.gather(a.start(), b.start())
+        async with asyncio.timeout(10):
+            while run_id not in a.drivers and run_id not in b.drivers:
+                await asyncio.sleep(0.02)
+        await asyncio.sleep(0.3)
+        assert (run_id in a.drivers) != (run_id in b.drivers)
+        events = await RunHistory(bus, run_id).read()
+        assert [e.epoch for e in events if isinstance(e, OwnerChanged)] == [2]
+        client = NerveClient(bus)
+        await client.signal(run_id, "go", round_)
+        assert (await client.wait(run_id, timeout=10)).result == round_
+        await asyncio.gather(a.stop(), b.stop())

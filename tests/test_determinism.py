@@ -1,0 +1,151 @@
+"""Determinism and versioning: golden histories, NondeterminismError, ctx.patched."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bus import Bus
+from nerve import NondeterminismError
+from persistence import RunBlocked
+from tests.golden import workflows as golden
+from workflow import (
+    ActivityContext,
+    ActivityRegistry,
+    ActivityWorker,
+    NerveClient,
+    Orchestrator,
+    RunContext,
+    WorkflowRegistry,
+)
+from workflow._replay import assert_replays, load_history, replay_history, replay_run
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def changed_registry() -> WorkflowRegistry:
+    """``approval`` after an incompatible change: an extra step before the first one."""
+    reg = WorkflowRegistry()
+
+    @reg.register(name="approval", version="2")
+    async def approval(ctx: RunContext, inp: dict[str, Any]) -> Any:
+        await ctx.activity(golden.double, 0)  # new, unguarded
+        first = await ctx.activity(golden.double, inp["x"])
+        return first
+
+    return reg
+
+
+def patched_registry() -> WorkflowRegistry:
+    """The same change behind ctx.patched: old histories keep their old path."""
+    reg = WorkflowRegistry()
+
+    @reg.register(name="approval", version="3")
+    async def approval(ctx: RunContext, inp: dict[str, Any]) -> Any:
+        if ctx.patched("warm-up-step"):
+            await ctx.activity(golden.double, 0)
+        return await golden.approval(ctx, inp)  # the v1 body, unchanged
+
+    return reg
+
+
+@pytest.mark.parametrize("name", ["approval_approved", "approval_rejected"])
+def test_golden_histories_replay_cleanly(name: str) -> None:
+    report = assert_replays(GOLDEN / f"{name}.jsonl", golden.registry)
+    assert report.deterministic and report.state in ("completed",)
+
+
+@pytest.mark.parametrize("name", ["approval_approved", "approval_rejected"])
+def test_a_breaking_change_is_caught_with_a_readable_diff(name: str) -> None:
+    report = replay_history(load_history(GOLDEN / f"{name}.jsonl"), changed_registry())
+    assert not report.deterministic
+    assert report.diff["index"] == 0
+    assert report.diff["expected"]["name"] == "double" and report.diff["got"]["name"] == "double"
+    assert report.diff["expected"]["args_digest"] != report.diff["got"]["args_digest"]
+    text = report.describe()
+    assert "NOT deterministic" in text and "expected (history)" in text
+    with pytest.raises(NondeterminismError, match="step 0"):
+        assert_replays(GOLDEN / f"{name}.jsonl", changed_registry())
+
+
+@pytest.mark.parametrize("name", ["approval_approved", "approval_rejected"])
+def test_the_same_change_behind_patched_replays_cleanly(name: str) -> None:
+    report = assert_replays(GOLDEN / f"{name}.jsonl", patched_registry())
+    assert report.deterministic and report.code_version == "3"
+
+
+def test_removing_a_step_is_caught() -> None:
+    reg = WorkflowRegistry()
+
+    @reg.register(name="approval", version="1")
+    async def approval(ctx: RunContext, inp: dict[str, Any]) -> Any:
+        return 42  # the recorded first step is never issued
+
+    report = replay_history(load_history(GOLDEN / "approval_approved.jsonl"), reg)
+    assert not report.deterministic
+    assert report.diff["got"] is None and report.diff["expected"]["name"] == "double"
+
+
+# -- live: a running history meets changed code ------------------------------------------------
+live_acts = ActivityRegistry()
+
+
+@live_acts.register
+async def inc(actx: ActivityContext, x: int) -> int:
+    return x + 1
+
+
+def evolving_registry(variant: str) -> WorkflowRegistry:
+    reg = WorkflowRegistry()
+
+    @reg.register(name="evolving", version={"v1": "1", "broken": "2", "patched": "3"}[variant])
+    async def evolving(ctx: RunContext, inp: dict[str, Any]) -> Any:
+        if variant == "broken":
+            await ctx.activity(inc, 100)
+        if variant == "patched" and ctx.patched("pre-step"):
+            await ctx.activity(inc, 100)
+        a = await ctx.activity(inc, 1)
+        sig = await ctx.wait_signal("go", timeout=120)
+        b = await ctx.activity(inc, a + (sig.value or 0))
+        return {"a": a, "b": b, "variant": variant}
+
+    return reg
+
+
+async def test_changed_code_under_a_running_history_blocks_the_run_visibly(bus: Bus) -> None:
+    client = NerveClient(bus)
+    worker = ActivityWorker(live_acts)
+    await worker.start(bus)
+    o1 = Orchestrator(bus, "o-v1", registry=evolving_registry("v1"), host_ttl=1)
+    await o1.start()
+    run_id = await client.submit("acme", workflow="evolving", input={})
+    await client.wait(run_id, timeout=20, statuses=("waiting",))
+    await o1.stop()
+
+    o2 = Orchestrator(bus, "o-broken", registry=evolving_registry("broken"), host_ttl=1)
+    await o2.start()
+    summary = await client.wait(run_id, timeout=20, statuses=("blocked",))
+    assert summary.blocked["diff"]["index"] == 0
+    blocked = [e for e in await client.history(run_id) if isinstance(e, RunBlocked)]
+    assert len(blocked) == 1 and "ctx.patched" in blocked[0].reason
+    report = await replay_run(bus, run_id, evolving_registry("broken"))
+    assert not report.deterministic
+    await o2.stop()
+
+    # The fix ships behind ctx.patched: the blocked run resumes and completes.
+    o3 = Orchestrator(bus, "o-patched", registry=evolving_registry("patched"), host_ttl=1)
+    await o3.start()
+    await client.wait(run_id, timeout=20, statuses=("waiting",))
+    await client.signal(run_id, "go", 10)
+    done = await client.wait(run_id, timeout=20)
+    assert done.result == {"a": 2, "b": 13, "variant": "patched"}
+    # A new run takes the new path: its first step is the patched one.
+    new_id = await client.submit("acme", workflow="evolving", input={})
+    await client.wait(new_id, timeout=20, statuses=("waiting",))
+    history = await client.history(new_id)
+    assert [(e.type, getattr(e, "kind", None)) for e in history[1:3]] == [
+        ("marker", "patched"), ("step_scheduled", "activity")]
+    await o3.stop()
+    await worker.stop()

@@ -1,0 +1,203 @@
+"""The orchestrator: task ingestion from any NATS client, idempotent starts, rejections,
+cancellation, timers across restarts, many runs at once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+import nats
+import pytest
+
+from bus import Bus, EmbeddedNats
+from persistence import RunCancelled, RunHistory, TimerFired
+from workflow import (
+    ActivityContext,
+    ActivityRegistry,
+    ActivityWorker,
+    NerveClient,
+    Orchestrator,
+    RunContext,
+    WorkflowRegistry,
+)
+
+registry = WorkflowRegistry()
+acts = ActivityRegistry()
+# The timer test's orchestrator process imports this module and uses the default registry.
+from workflow import workflows as _default  # noqa: E402
+
+
+@acts.register
+async def echo(actx: ActivityContext, text: str) -> str:
+    return text.upper()
+
+
+@registry.register(name="agent")  # stands in for the built-in agent in these tests
+async def agent(ctx: RunContext, inp: dict[str, Any]) -> str:
+    return await ctx.activity(echo, inp["task"])
+
+
+@_default.register(name="slow")
+@registry.register(name="slow")
+async def slow(ctx: RunContext, inp: dict[str, Any]) -> str:
+    await ctx.sleep(inp.get("seconds", 60))
+    return "woke"
+
+
+@pytest.fixture
+async def engine(bus: Bus) -> AsyncIterator[NerveClient]:
+    orch = Orchestrator(bus, "orch-t", registry=registry)
+    worker = ActivityWorker(acts)
+    await orch.start()
+    await worker.start(bus)
+    yield NerveClient(bus)
+    await worker.stop()
+    await orch.stop()
+
+
+async def rejected(nc: nats.NATS, subject: str) -> asyncio.Queue[dict[str, Any]]:
+    queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    async def cb(msg: Any) -> None:
+        await queue.put(json.loads(msg.data))
+
+    await nc.subscribe(subject, cb=cb)
+    return queue
+
+
+async def wait_for_runs(bus: Bus, tenant: str, n: int) -> list[str]:
+    client = NerveClient(bus)
+    info_subject = bus.names.history("*")
+    async with asyncio.timeout(20):
+        while True:
+            info = await bus.js.stream_info(bus.names.runs_stream, subjects_filter=info_subject)
+            run_ids = [s.split(".")[-2] for s in (info.state.subjects or {})]
+            mine = []
+            for rid in run_ids:
+                s = await client.summary(rid)
+                if s.tenant == tenant:
+                    mine.append(rid)
+            if len(mine) >= n:
+                return mine
+            await asyncio.sleep(0.05)
+
+
+async def test_a_task_from_plain_nats_py_starts_a_run(engine: NerveClient, bus: Bus,
+                                                       nats_server: EmbeddedNats) -> None:
+    nc = await nats.connect(nats_server.url)  # plain nats-py: no nerve code on this side
+    await nc.publish(f"{bus.names.prefix}.tasks.plainpy", b'{"task": "hello"}')
+    await nc.flush()
+    await nc.close()
+    [run_id] = await wait_for_runs(bus, "plainpy", 1)
+    summary = await engine.wait(run_id, timeout=20)
+    assert summary.result == "HELLO" and summary.tenant == "plainpy"
+
+
+async def test_a_task_from_a_raw_socket_speaking_nats_starts_a_run(
+        engine: NerveClient, bus: Bus, nats_server: EmbeddedNats) -> None:
+    host, port = nats_server.url.removeprefix("nats://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    await reader.readline()  # INFO {...}
+    body = b'{"task": "from a socket"}'
+    subject = f"{bus.names.prefix}.tasks.rawsock".encode()
+    writer.write(b'CONNECT {"verbose":false,"pedantic":false}\r\n')
+    writer.write(b"PUB " + subject + b" " + str(len(body)).encode() + b"\r\n" + body + b"\r\n")
+    writer.write(b"PING\r\n")
+    await writer.drain()
+    assert (await reader.readline()).strip() == b"PONG"
+    writer.close()
+    [run_id] = await wait_for_runs(bus, "rawsock", 1)
+    assert (await engine.wait(run_id, timeout=20)).result == "FROM A SOCKET"
+
+
+async def test_the_same_msg_id_or_run_id_never_starts_two_runs(engine: NerveClient,
+                                                                bus: Bus) -> None:
+    subject = bus.names.tasks("dedupe")
+    for _ in range(3):
+        await bus.js.publish(subject, b'{"task": "once"}', headers={"Nats-Msg-Id": "same-1"})
+    for _ in range(3):
+        await bus.js.publish(subject, b'{"task": "twice", "run_id": "fixed-run"}')
+    await asyncio.sleep(1.0)
+    runs = await wait_for_runs(bus, "dedupe", 2)
+    assert len(runs) == 2 and "fixed-run" in runs
+    for rid in runs:
+        await engine.wait(rid, timeout=20)
+    assert len(await RunHistory(bus, "fixed-run").read()) == 4  # started, step x2, completed
+
+
+@pytest.mark.parametrize(("payload", "reason"), [
+    (b"{not json", "malformed JSON"),
+    (b'{"tsk": "typo"}', "tsk"),
+    (b'{"task": 42}', "task"),
+    (b"{}", "needs"),
+    (b'{"task": "x", "workflow": "nope"}', "no workflow named 'nope'"),
+    (b'{"task": "x", "run_id": "bad id!"}', "run_id"),
+    (b'{"task": "x", "max_turns": -1}', "max_turns"),
+    (b"\xc1\xc1", "malformed"),
+])
+async def test_bad_tasks_are_rejected_with_a_reason(engine: NerveClient, bus: Bus,
+                                                    nats_server: EmbeddedNats, payload: bytes,
+                                                    reason: str) -> None:
+    nc = await nats.connect(nats_server.url)
+    notices = await rejected(nc, bus.names.tasks_rejected)
+    await nc.publish(bus.names.tasks("badtasks"), payload)
+    notice = await asyncio.wait_for(notices.get(), 10)
+    assert reason in notice["reason"], notice
+    assert notice["subject"] == bus.names.tasks("badtasks")
+    # The orchestrator still serves good tasks afterwards.
+    await nc.publish(bus.names.tasks("badtasks"), b'{"task": "still alive"}')
+    await nc.close()
+    [run_id] = await wait_for_runs(bus, "badtasks", 1)
+    assert (await engine.wait(run_id, timeout=20)).result == "STILL ALIVE"
+
+
+async def test_cancel_stops_a_waiting_run(engine: NerveClient, bus: Bus) -> None:
+    run_id = await engine.submit("acme", workflow="slow", input={"seconds": 600})
+    await engine.wait(run_id, timeout=20, statuses=("running",))
+    await engine.cancel(run_id, "no longer needed", by="ops")
+    summary = await engine.wait(run_id, timeout=20)
+    assert summary.status == "cancelled"
+    assert isinstance((await engine.history(run_id))[-1], RunCancelled)
+
+
+async def test_many_runs_at_once_in_one_orchestrator(engine: NerveClient) -> None:
+    run_ids = await asyncio.gather(*(engine.submit("many", f"t{i}") for i in range(200)))
+    results = await asyncio.gather(*(engine.wait(r, timeout=60) for r in run_ids))
+    assert [r.result for r in results] == [f"T{i}" for i in range(200)]
+
+
+@pytest.mark.timeout(90)
+async def test_a_timer_survives_a_sigkill_and_fires_once(bus: Bus, nats_server: EmbeddedNats,
+                                                         tmp_path) -> None:
+    client = NerveClient(bus)
+
+    async def orchestrator() -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "cli", "worker", "--role", "orchestrator", "--id", "timer-o",
+            "--nats-url", nats_server.url, "--prefix", bus.names.prefix,
+            "--workflows", "tests.test_orchestrator", env=dict(os.environ),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+
+    first = await orchestrator()
+    run_id = await client.submit("acme", workflow="slow", input={"seconds": 3})
+    await client.wait(run_id, timeout=30, statuses=("running",))
+    await asyncio.sleep(0.5)  # the timer is armed in the first process
+    first.send_signal(signal.SIGKILL)
+    await first.wait()
+    second = await orchestrator()
+    try:
+        summary = await client.wait(run_id, timeout=30)
+    finally:
+        second.send_signal(signal.SIGTERM)
+        await second.wait()
+    assert summary.result == "woke"
+    events = await client.history(run_id)
+    fired = [e for e in events if isinstance(e, TimerFired)]
+    assert len(fired) == 1
+    scheduled = next(e for e in events if getattr(e, "kind", None) == "timer")
+    assert fired[0].at >= scheduled.deadline  # it did not fire early after the restart

@@ -1,0 +1,184 @@
+"""The durable workflow engine end to end: a real orchestrator, real workers, real NATS."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from bus import Bus
+from persistence import (
+    MarkerRecorded,
+    RunCompleted,
+    RunStarted,
+    SignalReceived,
+    SignalRejected,
+    StepCompleted,
+    StepFailed,
+    StepScheduled,
+    TimerFired,
+)
+from workflow import (
+    ActivityContext,
+    ActivityRegistry,
+    ActivityWorker,
+    NerveClient,
+    Orchestrator,
+    RetryPolicy,
+    RunContext,
+    WorkflowRegistry,
+)
+
+wf = WorkflowRegistry()
+acts = ActivityRegistry()
+CALLS: collections.Counter[str] = collections.Counter()
+
+
+@acts.register
+async def add(actx: ActivityContext, a: int, b: int) -> int:
+    CALLS[actx.key] += 1
+    return a + b
+
+
+@acts.register
+def flaky(actx: ActivityContext, fail_until: int) -> str:
+    CALLS[actx.key] += 1
+    if actx.attempt < fail_until:
+        raise RuntimeError(f"attempt {actx.attempt} fails")
+    return f"ok on attempt {actx.attempt}"
+
+
+@wf.register(name="mixed")
+async def mixed(ctx: RunContext, inp: dict[str, Any]) -> dict[str, Any]:
+    x = await ctx.activity(add, 1, 2)
+    started = ctx.now()
+    await ctx.sleep(0.2)
+    a, b = await asyncio.gather(ctx.activity(add, x, 10), ctx.activity(add, x, 20))
+    sig = await ctx.wait_signal("go", timeout=30, default={"v": 0})
+    token = ctx.uuid()
+    return {"x": x, "a": a, "b": b, "sig": sig.value, "sender": sig.sender,
+            "slept": ctx.now() - started >= 0.2, "token_len": len(token)}
+
+
+@wf.register(name="retrying")
+async def retrying(ctx: RunContext, inp: dict[str, Any]) -> str:
+    return await ctx.activity(flaky, inp["fail_until"],
+                              retry=RetryPolicy(max_attempts=inp["max"], initial_interval=0.05))
+
+
+@wf.register(name="waits")
+async def waits(ctx: RunContext, inp: dict[str, Any]) -> Any:
+    sig = await ctx.wait_signal("approve", timeout=inp["timeout"], default="nope")
+    return {"value": sig.value, "timed_out": sig.timed_out}
+
+
+@pytest.fixture
+async def engine(bus: Bus) -> AsyncIterator[tuple[Orchestrator, NerveClient]]:
+    orch = Orchestrator(bus, "orch-a", registry=wf)
+    worker = ActivityWorker(acts)
+    await orch.start()
+    await worker.start(bus)
+    yield orch, NerveClient(bus)
+    await worker.stop()
+    await orch.stop()
+
+
+async def test_llm_activity_timer_signal_workflow_completes_with_exact_history(
+        engine: tuple[Orchestrator, NerveClient]) -> None:
+    _, client = engine
+    run_id = await client.submit("acme", workflow="mixed", input={})
+    await client.wait(run_id, timeout=20, statuses=("waiting",))
+    await client.signal(run_id, "go", {"v": 7}, sender="alice")
+    summary = await client.wait(run_id, timeout=20)
+    assert summary.status == "completed", summary
+    assert summary.result == {"x": 3, "a": 13, "b": 23, "sig": {"v": 7}, "sender": "alice",
+                              "slept": True, "token_len": 36}
+    events = await client.history(run_id)
+    kinds = [(e.type, getattr(e, "index", getattr(e, "delivered_to", None))) for e in events]
+    assert kinds[:8] == [
+        ("run_started", None),
+        ("step_scheduled", 0),                                          # add(1, 2)
+        ("step_completed", 0), ("marker", 1), ("step_scheduled", 2),    # now(), sleep
+        ("timer_fired", 2), ("step_scheduled", 3), ("step_scheduled", 4),  # gather: 2 adds
+    ]
+    # The two concurrent adds finish in either order; the wait is issued after both.
+    assert sorted(kinds[8:10]) == [("step_completed", 3), ("step_completed", 4)]
+    assert kinds[10:] == [("step_scheduled", 5), ("signal_received", 5), ("marker", 6),
+                          ("marker", 7), ("run_completed", None)]
+    assert isinstance(events[0], RunStarted) and events[0].tenant == "acme"
+    assert isinstance(events[4], StepScheduled) and events[4].deadline is not None
+    assert isinstance(events[5], TimerFired)
+    assert isinstance(events[-1], RunCompleted)
+    # Every activity ran exactly once, under its own key.
+    keys = [k for k in CALLS if k.startswith(run_id)]
+    assert sorted(keys) == [f"{run_id}:0", f"{run_id}:3", f"{run_id}:4"]
+    assert all(CALLS[k] == 1 for k in keys)
+
+
+async def test_transient_failures_are_retried_then_succeed(
+        engine: tuple[Orchestrator, NerveClient]) -> None:
+    _, client = engine
+    run_id = await client.submit("acme", workflow="retrying", input={"fail_until": 3, "max": 5})
+    summary = await client.wait(run_id, timeout=20)
+    assert summary.result == "ok on attempt 3"
+    failed = [e for e in await client.history(run_id) if isinstance(e, StepFailed)]
+    assert [(f.attempt, f.final) for f in failed] == [(1, False), (2, False)]
+
+
+async def test_a_step_that_keeps_failing_fails_the_run_with_the_evidence(
+        engine: tuple[Orchestrator, NerveClient]) -> None:
+    _, client = engine
+    run_id = await client.submit("acme", workflow="retrying", input={"fail_until": 99, "max": 2})
+    summary = await client.wait(run_id, timeout=20)
+    assert summary.status == "failed"
+    assert summary.error["type"] == "StepError"
+    assert summary.error["fields"]["attempts"] == 2
+    assert "attempt 2 fails" in summary.error["fields"]["error"]["message"]
+
+
+async def test_signal_after_timeout_changes_nothing(
+        engine: tuple[Orchestrator, NerveClient]) -> None:
+    _, client = engine
+    run_id = await client.submit("acme", workflow="waits", input={"timeout": 0.3})
+    summary = await client.wait(run_id, timeout=20)
+    assert summary.result == {"value": "nope", "timed_out": True}
+    await client.signal(run_id, "approve", "yes", sender="late-bob")
+    await asyncio.sleep(0.3)
+    events = await client.history(run_id)
+    assert isinstance(events[-1], RunCompleted)  # nothing appended after the end
+    assert not [e for e in events if isinstance(e, SignalReceived)]
+
+
+async def test_first_of_signal_or_timeout_wins_and_late_signals_are_rejected(
+        engine: tuple[Orchestrator, NerveClient]) -> None:
+    _, client = engine
+    run_id = await client.submit("acme", workflow="waits", input={"timeout": 30})
+    await client.wait(run_id, timeout=20, statuses=("waiting",))
+    first = await client.signal(run_id, "approve", "yes", sender="alice")
+    await client.signal(run_id, "approve", "second", sender="bob")
+    await client.signal(run_id, "approve", "yes", sender="alice", signal_id=first)  # duplicate
+    summary = await client.wait(run_id, timeout=20)
+    assert summary.result == {"value": "yes", "timed_out": False}
+    events = await client.history(run_id)
+    delivered = [(e.sender, e.payload) for e in events
+                 if isinstance(e, SignalReceived) and e.delivered_to == 0]
+    assert delivered == [("alice", "yes")]
+    # Bob's later signal found no open wait: it is buffered or dropped with the run's end,
+    # never delivered; alice's duplicate is not recorded twice.
+    ids = [e.signal_id for e in events if isinstance(e, SignalReceived | SignalRejected)]
+    assert ids.count(first) == 1
+
+
+async def test_markers_and_completed_steps_are_in_the_history(
+        engine: tuple[Orchestrator, NerveClient]) -> None:
+    _, client = engine
+    run_id = await client.submit("acme", workflow="mixed", input={})
+    await client.wait(run_id, timeout=20, statuses=("waiting",))
+    await client.signal(run_id, "go", None)
+    await client.wait(run_id, timeout=20)
+    events = await client.history(run_id)
+    assert any(isinstance(e, MarkerRecorded) and e.kind == "uuid" for e in events)
+    assert [e.result for e in events if isinstance(e, StepCompleted) and e.index == 0] == [3]

@@ -1,0 +1,56 @@
+"""``ActivityWorker``: runs user-defined activities (``ctx.activity``) from ``NERVE_WORK``."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from actors import Delivery, StepWorker, WorkItem
+from workflow._definition import ActivityRegistry, activities
+
+
+@dataclass(frozen=True, slots=True)
+class ActivityContext:
+    """What an activity knows about the step it performs.
+
+    ``key`` is the same on every attempt and every redelivery of this step: use it to make
+    the effect idempotent (a payment id, a ``create``-only KV key, an upsert key).
+    """
+
+    key: str
+    run_id: str
+    tenant: str
+    index: int
+    attempt: int
+    name: str
+
+
+class ActivityWorker(StepWorker):
+    """Pulls ``nerve.work.activity`` and runs the registered function for each item.
+
+    Async activities run on the event loop; plain functions run in a worker thread so they
+    cannot block it.
+    """
+
+    durable: ClassVar[str] = "activities"
+
+    def __init__(self, registry: ActivityRegistry | None = None, worker_id: str | None = None,
+                 ) -> None:
+        super().__init__("activity-worker", worker_id)
+        self.registry = registry or activities
+
+    def work_subjects(self) -> list[str]:
+        assert self.bus is not None
+        return [self.bus.names.work_activity]
+
+    async def execute(self, item: WorkItem, delivery: Delivery) -> Any:
+        fn = self.registry.get(item.name)
+        actx = ActivityContext(item.key, item.run_id, item.tenant, item.index, item.attempt,
+                               item.name)
+        args = (item.args or {}).get("args", [])
+        kwargs = (item.args or {}).get("kwargs", {})
+        if inspect.iscoroutinefunction(fn):
+            return await fn(actx, *args, **kwargs)
+        return await asyncio.to_thread(fn, actx, *args, **kwargs)

@@ -1,0 +1,195 @@
+"""``NerveClient``: submit tasks, signal, cancel, and read runs, from any process."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from nats.errors import TimeoutError as NatsTimeoutError
+
+from actors import encode, encode_json, new_id
+from bus import Bus, check_token
+from nerve._errors import RunNotFound, WorkflowError
+from persistence import (
+    CancelMessage,
+    Event,
+    ForkSpec,
+    PauseMessage,
+    ResumeMessage,
+    RunBlocked,
+    RunCancelled,
+    RunCompleted,
+    RunFailed,
+    RunHistory,
+    RunPaused,
+    RunResumed,
+    RunStarted,
+    SignalMessage,
+    SignalReceived,
+    SignalTimedOut,
+    StepCompleted,
+    StepFailed,
+    StepScheduled,
+    TaskRequest,
+)
+
+TERMINAL = ("completed", "failed", "cancelled")
+
+
+@dataclass(slots=True)
+class RunSummary:
+    """A run's state as its history tells it."""
+
+    run_id: str
+    tenant: str
+    workflow: str
+    version: str
+    status: str  # running | waiting | paused | blocked | completed | failed | cancelled
+    started_at: float
+    ended_at: float | None = None
+    result: Any = None
+    error: dict[str, Any] | None = None
+    steps: int = 0
+    events: int = 0
+    waiting_for: list[str] = field(default_factory=list)
+    blocked: dict[str, Any] | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.status in TERMINAL
+
+
+def summarize(events: list[Event]) -> RunSummary:
+    """Fold a history into a :class:`RunSummary`."""
+    if not events or not isinstance(events[0], RunStarted):
+        raise RunNotFound("no such run")
+    first = events[0]
+    s = RunSummary(first.run_id, first.tenant, first.workflow, first.version, "running",
+                   first.at, events=len(events))
+    waits: dict[int, str] = {}
+    for ev in events[1:]:
+        if isinstance(ev, StepScheduled):
+            s.steps += 1
+            if ev.kind == "signal":
+                waits[ev.index] = ev.name
+        elif isinstance(ev, SignalReceived) and ev.delivered_to is not None:
+            waits.pop(ev.delivered_to, None)
+        elif isinstance(ev, SignalTimedOut | StepCompleted) or (
+                isinstance(ev, StepFailed) and ev.final):
+            waits.pop(ev.index, None)
+        elif isinstance(ev, RunPaused):
+            s.status = "paused"
+        elif isinstance(ev, RunResumed):
+            s.status, s.blocked = "running", None
+        elif isinstance(ev, RunBlocked):
+            s.status, s.blocked = "blocked", {"reason": ev.reason, "diff": ev.diff}
+        elif isinstance(ev, RunCompleted):
+            s.status, s.result, s.ended_at = "completed", ev.result, ev.at
+        elif isinstance(ev, RunFailed):
+            s.status, s.error, s.ended_at = "failed", ev.error, ev.at
+        elif isinstance(ev, RunCancelled):
+            s.status, s.ended_at = "cancelled", ev.at
+    s.waiting_for = sorted(set(waits.values()))
+    if s.status == "running" and s.waiting_for:
+        s.status = "waiting"
+    return s
+
+
+class NerveClient:
+    """What the CLI, the HTTP API and tests use to talk to a running nerve."""
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+
+    async def submit(self, tenant: str, task: str | None = None, *, input: dict[str, Any] | None
+                     = None, workflow: str = "agent", run_id: str | None = None,
+                     labels: dict[str, str] | None = None, **extra: Any) -> str:
+        """Publish a task on ``nerve.tasks.<tenant>``; returns the run id it will start."""
+        check_token("tenant", tenant)
+        run_id = run_id or new_id("r")
+        request = TaskRequest(task=task, input=input, workflow=workflow, run_id=run_id,
+                              labels=labels or {}, **extra)
+        await self.bus.js.publish(
+            self.bus.names.tasks(tenant), encode_json(request.model_dump(exclude_none=True)),
+            headers={"Nats-Msg-Id": f"task:{run_id}", "Content-Type": "application/json"})
+        return run_id
+
+    async def fork(self, run_id: str, at: int, *, tenant: str,
+                   new_run_id: str | None = None) -> str:
+        """Start a new run from the first ``at`` events of ``run_id``; returns its id."""
+        check_token("tenant", tenant)
+        new_run_id = new_run_id or new_id("r")
+        request = TaskRequest(run_id=new_run_id, fork=ForkSpec(run_id=run_id, at=at))
+        await self.bus.js.publish(
+            self.bus.names.tasks(tenant), encode_json(request.model_dump(exclude_none=True)),
+            headers={"Nats-Msg-Id": f"task:{new_run_id}", "Content-Type": "application/json"})
+        return new_run_id
+
+    async def _to_inbox(self, run_id: str, message: Any, msg_id: str) -> None:
+        check_token("run id", run_id)
+        await self.bus.js.publish(self.bus.names.inbox(run_id), encode(message),
+                                  headers={"Nats-Msg-Id": msg_id})
+
+    async def signal(self, run_id: str, name: str, payload: Any = None, *,
+                     sender: str | None = None, approves: str | None = None,
+                     signal_id: str | None = None) -> str:
+        """Send a signal (durably); returns its id. Sending the same id twice counts once."""
+        sig = SignalMessage(name=name, payload=payload, sender=sender, approves=approves,
+                            signal_id=signal_id or new_id("sig-"))
+        await self._to_inbox(run_id, sig, f"signal:{sig.signal_id}")
+        return sig.signal_id
+
+    async def cancel(self, run_id: str, reason: str = "", by: str | None = None) -> None:
+        await self._to_inbox(run_id, CancelMessage(reason=reason, by=by), new_id("cancel-"))
+
+    async def pause(self, run_id: str, reason: str = "", by: str | None = None) -> None:
+        await self._to_inbox(run_id, PauseMessage(reason=reason, by=by), new_id("pause-"))
+
+    async def resume(self, run_id: str, by: str | None = None) -> None:
+        await self._to_inbox(run_id, ResumeMessage(by=by), new_id("resume-"))
+
+    async def history(self, run_id: str) -> list[Event]:
+        check_token("run id", run_id)
+        events = await RunHistory(self.bus, run_id).read()
+        if not events:
+            raise RunNotFound(f"no run {run_id}: nothing on {self.bus.names.history(run_id)}",
+                              run_id=run_id)
+        return events
+
+    async def summary(self, run_id: str) -> RunSummary:
+        return summarize(await self.history(run_id))
+
+    async def wait(self, run_id: str, timeout: float | None = None,
+                   statuses: tuple[str, ...] = TERMINAL) -> RunSummary:
+        """Wait until the run reaches one of ``statuses`` (by default: it ended)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        # Re-read the history when the run publishes a status change (live), and every few
+        # seconds in case a live event was missed.
+        sub = await self.bus.nc.subscribe(self.bus.names.stream(run_id))
+        try:
+            while True:
+                try:
+                    summary = await self.summary(run_id)
+                    if summary.status in statuses:
+                        return summary
+                except RunNotFound:
+                    pass  # not started yet
+                poll_until = time.monotonic() + 5.0
+                while True:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise WorkflowError(
+                            f"run {run_id} did not reach {'/'.join(statuses)} within "
+                            f"{timeout}s", run_id=run_id, retryable=True)
+                    wait = min(poll_until - time.monotonic(), left if left is not None else 5.0)
+                    if wait <= 0:
+                        break
+                    try:
+                        msg = await sub.next_msg(timeout=wait)
+                    except (NatsTimeoutError, TimeoutError):
+                        break
+                    if b"status" in msg.data:  # a status event (msgpack keeps the bytes)
+                        break
+        finally:
+            await sub.unsubscribe()

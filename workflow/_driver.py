@@ -1,0 +1,703 @@
+"""``RunDriver``: one owned run, from replay to its end.
+
+The driver is the only writer of its run's history while its orchestrator owns the run. It
+
+1. reads the history and replays it through a :class:`WorkflowInstance` (fencing out any
+   previous owner first with an ``OwnerChanged`` event when it takes a run over);
+2. reads the run's durable inbox for anything that arrived while nobody owned the run;
+3. starts what is open: dispatches steps (same idempotency key, same attempt), re-arms
+   timers and signal deadlines from their recorded deadlines;
+4. then loops: inputs (step results, heartbeats, inbox messages, timers) become events;
+   the events, and the events the workflow produces in reaction, are appended as one
+   record (one fsync); only then are replies sent, new steps dispatched, timers armed.
+
+Nothing the driver holds in memory is the only copy of anything: a crash at any point
+leaves a history from which the next owner rebuilds exactly this state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from nats.errors import Error as NatsClientError
+
+from actors import StepResult, WorkItem, decode, encode
+from actors._work import H_HEARTBEAT
+from nerve._errors import CodecError, HistoryError, NerveError, StaleWriterError, WorkflowNotFound
+from persistence import (
+    INBOX_ADAPTER,
+    TERMINAL_TYPES,
+    CancelMessage,
+    CancelRequested,
+    Event,
+    OwnerChanged,
+    PauseMessage,
+    ResumeMessage,
+    RunBlocked,
+    RunHistory,
+    RunPaused,
+    RunResumed,
+    RunStarted,
+    SandboxLost,
+    SandboxNotice,
+    SandboxRestored,
+    SignalMessage,
+    SignalReceived,
+    SignalRejected,
+    SignalTimedOut,
+    StepCompleted,
+    StepFailed,
+    StepScheduled,
+    StreamEvent,
+    TimerFired,
+    direct_get_subject,
+)
+from workflow._chaos import crash_point
+from workflow._context import RunContext
+from workflow._instance import Command, InstanceState, WorkflowInstance
+from workflow._policy import DEFAULT_POLICIES, RetryPolicy
+
+if TYPE_CHECKING:
+    from workflow._orchestrator import Orchestrator
+
+log = logging.getLogger("nerve.workflow.driver")
+
+
+@dataclass(slots=True)
+class _Result:
+    result: StepResult
+    reply: str | None = None
+
+
+@dataclass(slots=True)
+class _Inbox:
+    message: Any
+    seq: int | None = None
+
+
+@dataclass(slots=True)
+class _Timer:
+    index: int
+    attempt: int
+    reason: str  # "fire" | "deadline" | "retry" | "timeout" | "heartbeat"
+
+
+@dataclass(slots=True)
+class _Heartbeat:
+    index: int
+    attempt: int
+
+
+@dataclass(slots=True)
+class _Reconnected:
+    pass
+
+
+@dataclass(slots=True)
+class _Redispatch:
+    index: int
+
+
+Input = _Result | _Inbox | _Timer | _Heartbeat | _Reconnected | _Redispatch
+
+
+@dataclass(slots=True)
+class _Open:
+    """A step that has no final outcome yet."""
+
+    command: Command
+    attempt: int = 1
+    retry_at: float | None = None
+    dispatched: bool = False
+    last_heartbeat: float = 0.0
+    timers: list[asyncio.TimerHandle] = field(default_factory=list)
+
+    def cancel_timers(self) -> None:
+        for handle in self.timers:
+            handle.cancel()
+        self.timers.clear()
+
+
+class RunDriver:
+    """Drives one run while its orchestrator owns it (see the module docstring)."""
+
+    def __init__(self, orchestrator: Orchestrator, run_id: str, epoch: int, takeover: bool,
+                 ) -> None:
+        self.orch = orchestrator
+        self.bus = orchestrator.bus
+        self.names = orchestrator.bus.names
+        self.run_id = run_id
+        self.epoch = epoch
+        self.takeover = takeover
+        self.history = RunHistory(self.bus, run_id, writer=f"{orchestrator.owner_id}:{epoch}")
+        self.instance: WorkflowInstance | None = None
+        self.started: RunStarted | None = None
+        self.status = "starting"
+        self._queue: asyncio.Queue[Input] = asyncio.Queue()
+        self._open: dict[int, _Open] = {}
+        self._attempts: dict[int, int] = {}
+        self._retry_at: dict[int, float] = {}
+        self._closed: set[int] = set()
+        self._signals_seen: set[str] = set()
+        self._notices_seen: set[str] = set()
+        self._buffered: dict[str, deque[SignalReceived]] = defaultdict(deque)
+        self._timed_out_names: set[str] = set()
+        self._cancel_requested = False
+        self._paused = False
+        self._deferred: list[_Open] = []
+        self._new_commands: list[Command] = []
+        self._to_dispatch: list[_Open] = []
+        self._confirms: set[asyncio.Task[None]] = set()
+        self._replies: list[str] = []
+        self._emits: list[StreamEvent] = []
+        self._subs: list[Any] = []
+        self._inbox_seq = 0
+        self._pending_dispatch_retry: asyncio.TimerHandle | None = None
+        self.finished = asyncio.Event()
+
+    @property
+    def tenant(self) -> str:
+        return self.started.tenant if self.started else ""
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    async def run(self) -> None:
+        try:
+            await self._subscribe()
+            if await self._replay():
+                await self._catch_up_inbox()
+                self._start_open_steps()
+                await self._flush_outputs()
+                while self.instance is not None and not self.instance.done:
+                    batch = [await self._queue.get()]
+                    while not self._queue.empty():
+                        batch.append(self._queue.get_nowait())
+                    await self._cycle(batch)
+                await self._on_end()
+        except StaleWriterError as exc:
+            log.warning("run %s: lost ownership (%s); stopping here", self.run_id, exc.message)
+            self.status = "lost"
+        finally:
+            await self._teardown()
+            self.finished.set()
+
+    async def _teardown(self) -> None:
+        for op in self._open.values():
+            op.cancel_timers()
+        for task in list(self._confirms):
+            task.cancel()
+        if self._pending_dispatch_retry is not None:
+            self._pending_dispatch_retry.cancel()
+        for sub in self._subs:
+            with contextlib.suppress(NatsClientError):
+                await sub.unsubscribe()
+        self._subs.clear()
+
+    def put(self, item: Input) -> None:
+        self._queue.put_nowait(item)
+
+    # -- subscriptions ------------------------------------------------------------------------
+    async def _subscribe(self) -> None:
+        nc = self.bus.nc
+        self._subs.append(await nc.subscribe(self.names.results(self.run_id),
+                                             cb=self._on_result))
+        self._subs.append(await nc.subscribe(self.names.inbox(self.run_id), cb=self._on_inbox))
+
+    async def _on_result(self, msg: Any) -> None:
+        beat = (msg.headers or {}).get(H_HEARTBEAT)
+        if beat:
+            index, attempt = beat.split(":", 1)
+            self.put(_Heartbeat(int(index), int(attempt)))
+            return
+        try:
+            result = decode(msg.data, StepResult)
+        except CodecError as exc:
+            log.warning("run %s: undecodable step result: %s", self.run_id, exc.message)
+            return
+        self.put(_Result(result, msg.reply or None))
+
+    async def _on_inbox(self, msg: Any) -> None:
+        try:
+            message = decode(msg.data, INBOX_ADAPTER)
+        except CodecError as exc:
+            log.warning("run %s: undecodable inbox message: %s", self.run_id, exc.message)
+            return
+        self.put(_Inbox(message))
+
+    # -- replay -------------------------------------------------------------------------------
+    async def _replay(self) -> bool:
+        """Rebuild the run from its history. False if there is nothing (left) to drive."""
+        events = await self.history.read()
+        if not events or not isinstance(events[0], RunStarted):
+            log.error("run %s has no history to drive", self.run_id)
+            self.status = "missing"
+            return False
+        self.started = events[0]
+        if events[-1].type in TERMINAL_TYPES:
+            # It ended but its record outlived it (the owner died right after the end).
+            self.status = events[-1].type.removeprefix("run_")
+            await self.orch.release_run(self.run_id)
+            return False
+        if self.takeover:
+            # Fence first: any append by the previous owner now fails.
+            await self.history.append(OwnerChanged(owner=self.orch.owner_id, epoch=self.epoch,
+                                                   reason="takeover"))
+        try:
+            definition = self.orch.registry.get(self.started.workflow, self.started.version)
+        except WorkflowNotFound as exc:
+            await self._block_once(events, exc.message, {})
+            return False
+        instance = WorkflowInstance(definition.fn, self.started, self._make_context,
+                                    recorded=events, wall_clock=time.time)
+        self.instance = instance
+        for event in events:
+            self._track(event)
+            instance.apply(event, recorded=True)
+            self._adopt(instance.take_commands(), live=False)
+        fresh = instance.take_events()
+        instance.take_emits()  # replayed output was already published once
+        if instance.state is InstanceState.BLOCKED:
+            await self._block_once(events, instance.error.message if instance.error else "",
+                                   instance.error.fields.get("diff", {}) if instance.error
+                                   else {})
+            return False
+        self.status = "paused" if self._paused else "running"
+        if _last_state_event(events) == "run_blocked":
+            # It was blocked; this code replays it: say so in the history.
+            fresh.insert(0, RunResumed(by=f"{self.orch.owner_id}: replay is deterministic"))
+        # Steps issued at the frontier (a fresh run's first steps) are new: record them.
+        for event in fresh:
+            self._track(event)
+        self._adopt(instance.take_commands(), live=True, produced=fresh)
+        if fresh:
+            await self._commit(fresh)
+        self._emit_status()
+        return True
+
+    async def _block_once(self, events: list[Event], reason: str, diff: dict[str, Any]) -> None:
+        self.status = "blocked"
+        last = events[-1] if events else None
+        if not (isinstance(last, RunBlocked) and last.reason == reason):
+            await self._commit([RunBlocked(reason=reason, diff=diff)])
+        self._emits.append(StreamEvent(type="status", run_id=self.run_id,
+                                       data={"status": "blocked", "reason": reason,
+                                             "diff": diff}))
+        await self._flush_outputs()
+        log.error("run %s is blocked: %s", self.run_id, reason)
+
+    def _make_context(self, instance: WorkflowInstance) -> RunContext:
+        return RunContext(instance, self.names, self.orch.policies, self.orch.sandbox_meta)
+
+    # -- the state the history implies ---------------------------------------------------------
+    def _track(self, event: Event) -> None:
+        if isinstance(event, StepFailed):
+            if event.final:
+                self._close(event.index)
+            else:
+                self._attempts[event.index] = event.attempt + 1
+                self._retry_at[event.index] = event.retry_at or time.time()
+                if (op := self._open.get(event.index)) is not None:
+                    op.attempt = event.attempt + 1
+                    op.retry_at = event.retry_at
+                    op.dispatched = False
+        elif isinstance(event, StepCompleted | TimerFired):
+            self._close(event.index)
+        elif isinstance(event, SignalTimedOut):
+            self._close(event.index)
+            self._timed_out_names.add(event.name)
+        elif isinstance(event, SignalReceived):
+            if event.signal_id:
+                self._signals_seen.add(event.signal_id)
+            if event.delivered_to is None:
+                self._buffered[event.name].append(event)
+            else:
+                self._close(event.delivered_to)
+                self._timed_out_names.discard(event.name)
+                queue = self._buffered.get(event.name)
+                if queue:
+                    self._buffered[event.name] = deque(
+                        s for s in queue if s.signal_id != event.signal_id)
+        elif isinstance(event, SignalRejected):
+            if event.signal_id:
+                self._signals_seen.add(event.signal_id)
+        elif isinstance(event, CancelRequested):
+            self._cancel_requested = True
+        elif isinstance(event, RunPaused):
+            self._paused = True
+        elif isinstance(event, RunResumed):
+            self._paused = False
+        elif isinstance(event, SandboxLost | SandboxRestored):
+            if event.notice_id:
+                self._notices_seen.add(event.notice_id)
+
+    def _close(self, index: int) -> None:
+        self._closed.add(index)
+        op = self._open.pop(index, None)
+        if op is not None:
+            op.cancel_timers()
+
+    def _adopt(self, commands: list[Command], live: bool,
+               produced: list[Event] | None = None) -> None:
+        """Take over steps the code issued. Live waits consume buffered signals at once."""
+        for command in commands:
+            if command.index in self._closed or command.index in self._open:
+                continue
+            op = _Open(command, attempt=self._attempts.get(command.index, 1),
+                       retry_at=self._retry_at.get(command.index))
+            self._open[command.index] = op
+            self._new_commands.append(command)
+            if live and command.kind == "signal" and self._buffered.get(command.name):
+                self._deliver_buffered(op, produced)
+
+    def _deliver_buffered(self, op: _Open, produced: list[Event] | None) -> None:
+        assert self.instance is not None
+        if (op.command.args or {}).get("approves"):
+            return  # an approval bound to one tool call must arrive while that call waits
+        sig = self._buffered[op.command.name][0]
+        self._apply_fresh(SignalReceived(name=sig.name, payload=sig.payload, sender=sig.sender,
+                                         signal_id=sig.signal_id,
+                                         delivered_to=op.command.index), produced)
+
+    def _apply_fresh(self, event: Event, out: list[Event] | None) -> None:
+        assert self.instance is not None
+        self._track(event)
+        self.instance.apply(event)
+        produced = self.instance.take_events()
+        if out is not None:
+            out.append(event)
+            out.extend(produced)
+        for ev in produced:
+            self._track(ev)
+        self._emits.extend(self.instance.take_emits())
+        self._adopt(self.instance.take_commands(), live=True, produced=out)
+
+    # -- one cycle: inputs -> events -> one append -> outputs ------------------------------------
+    async def _cycle(self, batch: list[Input]) -> None:
+        events: list[Event] = []
+        for item in batch:
+            await self._handle(item, events)
+        if events:
+            await self._commit(events)
+        await self._flush_outputs()
+
+    async def _commit(self, events: list[Event]) -> None:
+        for attempt in range(1, 6):
+            try:
+                await self.history.append(*events)
+                for ev in events:
+                    if isinstance(ev, StepScheduled):
+                        crash_point("scheduled", ev.index)
+                return
+            except StaleWriterError:
+                raise
+            except HistoryError as exc:
+                if not exc.retryable or attempt == 5:
+                    raise
+                log.warning("run %s: append failed (%s); retrying", self.run_id, exc.message)
+                await asyncio.sleep(0.2 * attempt)
+
+    async def _handle(self, item: Input, events: list[Event]) -> None:
+        if isinstance(item, _Result):
+            crash_point("result", item.result.index)
+            self._on_step_result(item.result, events)
+            if item.reply:
+                self._replies.append(item.reply)
+        elif isinstance(item, _Heartbeat):
+            op = self._open.get(item.index)
+            if op is not None and op.attempt == item.attempt:
+                op.last_heartbeat = time.time()
+        elif isinstance(item, _Inbox):
+            self._on_inbox_message(item.message, item.seq, events)
+        elif isinstance(item, _Timer):
+            await self._on_timer(item, events)
+        elif isinstance(item, _Redispatch):
+            op = self._open.get(item.index)
+            if op is not None and not op.dispatched:
+                self._new_commands.append(op.command)
+        elif isinstance(item, _Reconnected):
+            await self._catch_up_inbox(into=events)
+            for op in self._open.values():
+                if op.dispatched:
+                    op.dispatched = False
+                    self._new_commands.append(op.command)
+
+    def _on_step_result(self, result: StepResult, events: list[Event]) -> None:
+        op = self._open.get(result.index)
+        if op is None or op.attempt != result.attempt or result.run_id != self.run_id:
+            return  # late, duplicate, or for an attempt we gave up on
+        cmd = op.command
+        if result.ok:
+            self._apply_fresh(StepCompleted(
+                index=cmd.index, kind=cmd.kind, name=cmd.name, args_digest=cmd.digest,
+                result=result.result, attempt=op.attempt, duration_ms=result.duration_ms),
+                events)
+            return
+        self._fail_attempt(op, result.error or {"type": "StepError", "message": "unknown"},
+                           events)
+
+    def _fail_attempt(self, op: _Open, error: dict[str, Any], events: list[Event]) -> None:
+        cmd = op.command
+        policy = cmd.policy or DEFAULT_POLICIES.get(cmd.kind, RetryPolicy())
+        common = {"index": cmd.index, "kind": cmd.kind, "name": cmd.name,
+                  "args_digest": cmd.digest, "error": error, "attempt": op.attempt}
+        if policy.should_retry(op.attempt, error):
+            retry_at = time.time() + policy.delay(op.attempt)
+            self._apply_fresh(StepFailed(**common, final=False, retry_at=retry_at), events)
+            op.cancel_timers()
+            self._new_commands.append(cmd)  # re-armed for the retry after the commit
+        else:
+            self._apply_fresh(StepFailed(**common, final=True), events)
+
+    def _on_inbox_message(self, message: Any, seq: int | None, events: list[Event]) -> None:
+        if seq is not None:
+            self._inbox_seq = max(self._inbox_seq, seq)
+        if isinstance(message, StepResult):
+            self._on_step_result(message, events)
+        elif isinstance(message, SignalMessage):
+            self._on_signal(message, seq, events)
+        elif isinstance(message, CancelMessage):
+            if not self._cancel_requested:
+                self._apply_fresh(CancelRequested(reason=message.reason, by=message.by,
+                                                  source_seq=seq), events)
+        elif isinstance(message, PauseMessage):
+            if not self._paused:
+                self._apply_fresh(RunPaused(reason=message.reason, by=message.by), events)
+                self.status = "paused"
+        elif isinstance(message, ResumeMessage):
+            if self._paused:
+                self._apply_fresh(RunResumed(by=message.by), events)
+                self.status = "running"
+                for op in self._deferred:
+                    self._new_commands.append(op.command)
+                self._deferred.clear()
+        elif isinstance(message, SandboxNotice):
+            if message.notice_id not in self._notices_seen:
+                cls = SandboxLost if message.event == "lost" else SandboxRestored
+                fields: dict[str, Any] = {"sandbox_id": message.sandbox_id,
+                                          "host": message.host, "notice_id": message.notice_id}
+                if cls is SandboxLost:
+                    fields["reason"] = message.reason
+                else:
+                    fields.update(from_snapshot=message.from_snapshot,
+                                  step_index=message.step_index)
+                self._apply_fresh(cls(**fields), events)
+
+    def _on_signal(self, sig: SignalMessage, seq: int | None, events: list[Event]) -> None:
+        if sig.signal_id in self._signals_seen:
+            return
+        self._signals_seen.add(sig.signal_id)
+        common = {"name": sig.name, "payload": sig.payload, "sender": sig.sender,
+                  "signal_id": sig.signal_id, "source_seq": seq}
+        waits = sorted(i for i, op in self._open.items()
+                       if op.command.kind == "signal" and op.command.name == sig.name)
+        if waits:
+            # The oldest wait this signal may resolve: one that asks for no particular
+            # approval, or one bound to exactly the tool call this signal approves.
+            for index in waits:
+                approves = (self._open[index].command.args or {}).get("approves")
+                if not approves or approves == sig.approves:
+                    self._apply_fresh(SignalReceived(**common, delivered_to=index), events)
+                    return
+            wanted = sorted({self._open[i].command.args.get("approves") for i in waits})
+            self._apply_fresh(SignalRejected(
+                **common, reason=f"approval is bound to {sig.approves or 'nothing'}, but "
+                                 f"the waiting steps need one of {wanted}"), events)
+            return
+        if sig.name in self._timed_out_names:
+            self._apply_fresh(SignalRejected(
+                **common, reason="late: the wait for this signal already timed out"), events)
+            return
+        self._apply_fresh(SignalReceived(**common, delivered_to=None), events)
+
+    async def _on_timer(self, t: _Timer, events: list[Event]) -> None:
+        op = self._open.get(t.index)
+        if op is None or op.attempt != t.attempt:
+            return
+        cmd = op.command
+        if t.reason in ("fire", "deadline") and cmd.deadline and time.time() < cmd.deadline:
+            # The event loop may wake a hair early; a durable timer never fires early.
+            self._arm(op, cmd.deadline, t.reason)
+            return
+        if t.reason == "fire":
+            self._apply_fresh(TimerFired(index=cmd.index), events)
+        elif t.reason == "deadline":
+            self._apply_fresh(SignalTimedOut(index=cmd.index, name=cmd.name,
+                                             default=(cmd.args or {}).get("default")), events)
+        elif t.reason == "retry":
+            op.dispatched = False
+            self._new_commands.append(cmd)
+        elif t.reason in ("timeout", "heartbeat"):
+            # The result may have gone to the durable inbox while we were not listening.
+            await self._catch_up_inbox(into=events)
+            if self._open.get(t.index) is op and op.attempt == t.attempt:
+                what = "StepTimeout" if t.reason == "timeout" else "HeartbeatTimeout"
+                self._fail_attempt(op, {"type": what, "retryable": True, "fields": {},
+                                        "message": f"attempt {op.attempt} of step {cmd.index} "
+                                                   f"({cmd.kind} {cmd.name}) timed out "
+                                                   f"({t.reason})"}, events)
+
+    async def _catch_up_inbox(self, into: list[Event] | None = None) -> None:
+        """Process what the durable inbox holds past what we have seen."""
+        events: list[Event] = [] if into is None else into
+        async for seq, data, _headers in direct_get_subject(
+                self.bus, self.names.runs_stream, self.names.inbox(self.run_id),
+                self._inbox_seq):
+            try:
+                message = decode(data, INBOX_ADAPTER)
+            except CodecError as exc:
+                log.warning("run %s: skipping undecodable inbox message %s: %s", self.run_id,
+                            seq, exc.message)
+                self._inbox_seq = seq
+                continue
+            self._on_inbox_message(message, seq, events)
+        if into is None and events:
+            await self._commit(events)
+
+    # -- after each commit --------------------------------------------------------------------
+    async def _flush_outputs(self) -> None:
+        """Reply to workers, publish live events, start new steps: only after the commit."""
+        nc = self.bus.nc
+        self._start_open_steps()  # arms timers, queues dispatches and status changes
+        replies, self._replies = self._replies, []
+        for reply in replies:
+            with contextlib.suppress(NatsClientError):
+                await nc.publish(reply, b"")
+        if self.instance is not None:
+            self._emits.extend(self.instance.take_emits())
+        emits, self._emits = self._emits, []
+        for ev in emits:
+            with contextlib.suppress(NatsClientError, asyncio.TimeoutError):
+                await self.bus.js.publish(self.names.stream(self.run_id), encode(ev))
+        await self._dispatch_pending()
+
+    def _start_open_steps(self) -> None:
+        """Arm timers/deadlines of new commands; queue dispatches of new work steps."""
+        commands, self._new_commands = self._new_commands, []
+        for cmd in commands:
+            op = self._open.get(cmd.index)
+            if op is None:
+                continue
+            if cmd.kind == "timer":
+                self._arm(op, cmd.deadline or time.time(), "fire")
+            elif cmd.kind == "signal":
+                if cmd.deadline is not None:
+                    self._arm(op, cmd.deadline, "deadline")
+                self._emit_status()
+            elif cmd.subject is not None:
+                if op.retry_at is not None and op.retry_at > time.time() and not op.dispatched:
+                    self._arm(op, op.retry_at, "retry")
+                    op.retry_at = None
+                elif self._paused:
+                    self._deferred.append(op)
+                else:
+                    self._to_dispatch.append(op)
+
+    async def _dispatch_pending(self) -> None:
+        todo, self._to_dispatch = self._to_dispatch, []
+        failed: list[_Open] = []
+        for op in todo:
+            if op.command.index not in self._open or op.dispatched:
+                continue
+            try:
+                await self._dispatch(op)
+            except (TimeoutError, NatsClientError, NerveError) as exc:
+                log.warning("run %s: dispatch of step %s failed (%r); retrying", self.run_id,
+                            op.command.index, exc)
+                failed.append(op)
+        if failed:
+            # Try again shortly, as after a reconnect: re-read the inbox, re-dispatch.
+            self._pending_dispatch_retry = asyncio.get_running_loop().call_later(
+                1.0, self.put, _Reconnected())
+
+    async def _dispatch(self, op: _Open) -> None:
+        cmd = op.command
+        assert self.started is not None and cmd.subject is not None
+        policy = cmd.policy or DEFAULT_POLICIES.get(cmd.kind, RetryPolicy())
+        key = f"{self.run_id}:{cmd.index}"
+        deadline = time.time() + policy.timeout if policy.timeout else None
+        item = WorkItem(run_id=self.run_id, tenant=self.started.tenant, index=cmd.index,
+                        attempt=op.attempt, kind=cmd.kind, name=cmd.name, args=cmd.args,
+                        key=key, reply_to=self.names.inbox(self.run_id),
+                        result_to=self.names.results(self.run_id), deadline=deadline,
+                        meta=cmd.meta)
+        # Not waiting for the work queue's ack keeps a round trip off every step's critical
+        # path; the ack is checked in the background and a lost item is dispatched again.
+        ack = await self.bus.js.publish_async(cmd.subject, encode(item),
+                                              headers={"Nats-Msg-Id": f"work:{key}:{op.attempt}"})
+        confirm = asyncio.create_task(self._confirm_dispatch(op, op.attempt, ack))
+        self._confirms.add(confirm)
+        confirm.add_done_callback(self._confirms.discard)
+        op.dispatched = True
+        crash_point("dispatched", cmd.index)
+        op.last_heartbeat = time.time()
+        if deadline is not None:
+            self._arm(op, deadline, "timeout")
+        if policy.heartbeat_timeout:
+            self._arm_heartbeat(op, policy.heartbeat_timeout)
+
+    async def _confirm_dispatch(self, op: _Open, attempt: int, ack: asyncio.Future[Any],
+                                ) -> None:
+        try:
+            await asyncio.wait_for(ack, timeout=5.0)
+        except (NatsClientError, TimeoutError) as exc:
+            if self._open.get(op.command.index) is op and op.attempt == attempt:
+                log.warning("run %s: work item for step %s was not stored (%r); dispatching "
+                            "it again", self.run_id, op.command.index, exc)
+                op.dispatched = False
+                self.put(_Redispatch(op.command.index))
+
+    def _arm(self, op: _Open, when: float, reason: str) -> None:
+        loop = asyncio.get_running_loop()
+        attempt = op.attempt
+        index = op.command.index
+        op.timers.append(loop.call_later(max(0.0, when - time.time()),
+                                         self.put, _Timer(index, attempt, reason)))
+
+    def _arm_heartbeat(self, op: _Open, every: float) -> None:
+        loop = asyncio.get_running_loop()
+
+        def check() -> None:
+            if self._open.get(op.command.index) is not op or not op.dispatched:
+                return
+            if time.time() - op.last_heartbeat > every:
+                self.put(_Timer(op.command.index, op.attempt, "heartbeat"))
+            else:
+                op.timers.append(loop.call_later(every / 2, check))
+
+        op.timers.append(loop.call_later(every, check))
+
+    def _emit_status(self) -> None:
+        waiting = any(op.command.kind == "signal" for op in self._open.values())
+        status = "paused" if self._paused else ("waiting" if waiting else "running")
+        self._emits.append(StreamEvent(type="status", run_id=self.run_id,
+                                       data={"status": status}))
+
+    async def _on_end(self) -> None:
+        assert self.instance is not None
+        instance = self.instance
+        self.status = instance.state.value
+        if instance.state is InstanceState.COMPLETED:
+            self._emits.append(StreamEvent(type="final", run_id=self.run_id,
+                                           data={"result": instance.result}))
+        elif instance.state is InstanceState.FAILED:
+            self._emits.append(StreamEvent(type="error", run_id=self.run_id,
+                                           data={"error": instance.failure}))
+        self._emits.append(StreamEvent(type="status", run_id=self.run_id,
+                                       data={"status": self.status}))
+        await self._flush_outputs()
+        if instance.state is not InstanceState.BLOCKED:
+            await self.orch.release_run(self.run_id)
+
+
+def _last_state_event(events: list[Event]) -> str | None:
+    """The type of the last event that changes a run's visible state."""
+    for event in reversed(events):
+        if event.type in ("run_blocked", "run_resumed", "run_paused") or event.type.startswith(
+                "step_") or event.type in ("signal_received", "timer_fired", "marker"):
+            return event.type
+    return None

@@ -1,0 +1,367 @@
+"""The orchestrator: starts runs from tasks, owns runs through leases, takes over orphans.
+
+Ownership has two levels, so that renewing costs O(orchestrators), not O(runs):
+
+* every orchestrator holds a **host lease** ``host.<owner_id>`` (a TTL key it renews);
+* every active run has a **run record** ``run.<run_id>`` = ``{owner, epoch, tenant}`` (no
+  TTL), created when the run starts and deleted when it ends.
+
+A run's owner is valid while its host lease lives. When a host lease expires (its
+orchestrator died), every other orchestrator sees the delete marker on its watch of the
+bucket and races to claim that host's runs with a compare-and-set on each run record; the
+winner bumps the epoch, fences the history with ``OwnerChanged``, replays and carries on.
+An orchestrator restarted under the same ``owner_id`` picks its own runs up at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+from nats.aio.msg import Msg
+from nats.errors import Error as NatsClientError
+from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
+
+from actors import Actor, Delivery, WorkQueue, encode, encode_json, unpack
+from bus import Bus, check_token
+from nerve._errors import (
+    CodecError,
+    ConfigError,
+    LeaseLostError,
+    NerveError,
+    TaskRejected,
+)
+from persistence import Event, RunHistory, RunStarted, TaskRequest
+from supervisor import Lease, lease_keys, watch_leases
+from workflow._definition import WorkflowRegistry, workflows
+from workflow._driver import RunDriver, _Reconnected
+from workflow._fork import fork_history
+from workflow._policy import RetryPolicy
+
+log = logging.getLogger("nerve.workflow.orchestrator")
+
+REJECTED_TENANT = "rejected"
+
+
+@dataclass(frozen=True, slots=True)
+class RunRecord:
+    """Who owns an active run."""
+
+    owner: str
+    epoch: int
+    tenant: str
+
+    def encode(self) -> bytes:
+        return msgpack.packb({"owner": self.owner, "epoch": self.epoch, "tenant": self.tenant})
+
+    @classmethod
+    def decode(cls, raw: bytes) -> RunRecord:
+        d = msgpack.unpackb(raw)
+        return cls(d["owner"], int(d["epoch"]), d.get("tenant", ""))
+
+
+class _TaskIntake(Actor[Msg]):
+    """Consumes ``NERVE_TASKS`` (JSON or msgpack, decoded by the orchestrator)."""
+
+    message_type = Msg
+    concurrency = 32
+
+    def __init__(self, orchestrator: Orchestrator) -> None:
+        super().__init__("task-intake")
+        self.orch = orchestrator
+
+    def mailbox(self) -> WorkQueue:
+        names = self.orch.bus.names
+        return WorkQueue(stream=names.tasks_stream, subjects=[names.tasks("*")],
+                         durable="orchestrator-tasks", ack_wait=30, max_deliver=10, poll=1.0)
+
+    async def handle(self, message: Msg, delivery: Delivery) -> None:
+        # A rejected task is answered on nerve.tasks.rejected and acked: retrying it cannot
+        # help, and it is not lost. Transient failures raise and are retried with backoff.
+        with contextlib.suppress(TaskRejected):
+            await self.orch.accept_task(message)
+
+
+class Orchestrator:
+    """Runs workflows: accepts tasks, drives owned runs, takes over the runs of dead peers."""
+
+    def __init__(self, bus: Bus, owner_id: str, *, registry: WorkflowRegistry | None = None,
+                 host_ttl: float = 2.0, policies: dict[str, RetryPolicy] | None = None,
+                 sandbox_meta: dict[str, Any] | None = None, spawn_guard: Any = None,
+                 accept_tasks: bool = True) -> None:
+        check_token("orchestrator id", owner_id)
+        self.bus = bus
+        self.owner_id = owner_id
+        self.registry = registry or workflows
+        self.policies = policies or {}
+        self.sandbox_meta = sandbox_meta or {}
+        self.spawn_guard = spawn_guard  # budget: check_spawn(tenant) before a run starts
+        self.accept_tasks = accept_tasks  # False: only drive runs taken over from peers
+        self.host_lease = Lease(bus, bus.names.host_lease(owner_id), owner_id, ttl=host_ttl)
+        self.drivers: dict[str, RunDriver] = {}
+        self._driver_tasks: dict[str, asyncio.Task[None]] = {}
+        self._intake = _TaskIntake(self)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stopping = False
+        self._claim_lock = asyncio.Lock()
+        self.ready = asyncio.Event()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Supervisor child: start, serve until cancelled, stop."""
+        await self.start()
+        try:
+            await asyncio.Future()  # until cancelled
+        finally:
+            await self.stop()
+
+    async def start(self) -> None:
+        await self.host_lease.wait_acquire(poll=0.2, timeout=max(10.0, 3 * self.host_lease.ttl))
+        self.host_lease.keep_alive(on_lost=self._on_lease_lost)
+        self._spawn(self._watch())
+        if self.accept_tasks:
+            await self._intake.start(self.bus)
+        self.bus.on_reconnect(self._on_reconnect)
+        await self.ready.wait()
+        log.info("orchestrator %s ready", self.owner_id)
+
+    async def _on_reconnect(self) -> None:
+        # The server may have restarted and lost queued work (NERVE_WORK is in memory):
+        # every driver re-reads its inbox and re-dispatches what is still open.
+        for driver in list(self.drivers.values()):
+            driver.put(_Reconnected())
+
+    async def stop(self) -> None:
+        self._stopping = True
+        await self._intake.stop()
+        for task in list(self._driver_tasks.values()) + list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._driver_tasks.values(), *self._tasks,
+                             return_exceptions=True)
+        # Release the host lease so peers take our runs now rather than after the TTL.
+        await self.host_lease.release()
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _on_lease_lost(self, exc: LeaseLostError) -> None:
+        # Our clock says our lease may have lapsed: peers may be taking our runs. Stop
+        # driving them (their histories are fenced anyway), then come back as a new holder.
+        log.error("orchestrator %s lost its host lease: %s", self.owner_id, exc.message)
+        for task in list(self._driver_tasks.values()):
+            task.cancel()
+        await asyncio.gather(*self._driver_tasks.values(), return_exceptions=True)
+        while not self._stopping:
+            try:
+                await self.host_lease.wait_acquire(poll=0.2)
+                self.host_lease.keep_alive(on_lost=self._on_lease_lost)
+                await self._claim_orphans()
+                return
+            except (NatsClientError, TimeoutError, NerveError) as err:
+                log.warning("orchestrator %s: cannot re-acquire its lease yet (%r)",
+                            self.owner_id, err)
+                await asyncio.sleep(1.0)
+
+    # -- ownership ------------------------------------------------------------------------------
+    async def _watch(self) -> None:
+        """Follow host leases; when one goes away, claim that host's runs."""
+        initial = asyncio.Event()
+        async for change in watch_leases(self.bus, "host.*", initial_done=initial):
+            if initial.is_set() and not self.ready.is_set():
+                self.ready.set()
+                self._spawn(self._claim_orphans())
+            if change is not None and change.record is None:
+                self._spawn(self._claim_orphans(dead_host=change.key.partition(".")[2]))
+
+    async def _raw_record(self, key: str) -> tuple[RunRecord, int] | None:
+        kv = await self.bus.kv(self.bus.names.leases_bucket)
+        try:
+            entry = await kv.get(key)
+        except KeyNotFoundError:
+            return None
+        if entry.value is None:
+            return None
+        return RunRecord.decode(entry.value), entry.revision or 0
+
+    async def _claim_orphans(self, dead_host: str | None = None) -> None:
+        """Claim every active run whose owner is us (restarted) or not alive."""
+        # One sweep at a time: two overlapping sweeps would both see a run we just claimed
+        # as "ours" and claim it again from ourselves.
+        async with self._claim_lock:
+            for key in await lease_keys(self.bus, "run.*"):
+                run_id = key.partition(".")[2]
+                if run_id in self.drivers:
+                    continue
+                found = await self._raw_record(key)
+                if found is None or run_id in self.drivers:
+                    continue
+                record, revision = found
+                if record.owner == self.owner_id or not await self._host_alive(record.owner):
+                    await self._claim(run_id, record, revision)
+
+    async def _host_alive(self, host: str) -> bool:
+        kv = await self.bus.kv(self.bus.names.leases_bucket)
+        try:
+            entry = await kv.get(self.bus.names.host_lease(host))
+        except KeyNotFoundError:
+            return False
+        return entry.value is not None and entry.operation is None
+
+    async def _claim(self, run_id: str, record: RunRecord, revision: int) -> bool:
+        kv = await self.bus.kv(self.bus.names.leases_bucket)
+        new = RunRecord(self.owner_id, record.epoch + 1, record.tenant)
+        try:
+            await kv.update(self.bus.names.run_lease(run_id), new.encode(), last=revision)
+        except (KeyWrongLastSequenceError, APIError):
+            return False  # a peer claimed it first
+        log.info("orchestrator %s took over run %s from %s (epoch %d)", self.owner_id, run_id,
+                 record.owner, new.epoch)
+        self._start_driver(run_id, new.epoch, takeover=True)
+        return True
+
+    async def release_run(self, run_id: str) -> None:
+        """The run ended: drop its record so nobody tries to take it over."""
+        kv = await self.bus.kv(self.bus.names.leases_bucket)
+        with contextlib.suppress(KeyNotFoundError, APIError, NatsClientError):
+            await kv.delete(self.bus.names.run_lease(run_id))
+
+    def _start_driver(self, run_id: str, epoch: int, takeover: bool) -> RunDriver:
+        driver = RunDriver(self, run_id, epoch, takeover)
+        self.drivers[run_id] = driver
+        task = asyncio.create_task(driver.run(), name=f"run:{run_id}")
+        self._driver_tasks[run_id] = task
+
+        def done(t: asyncio.Task[None]) -> None:
+            self.drivers.pop(run_id, None)
+            self._driver_tasks.pop(run_id, None)
+            if not t.cancelled() and t.exception() is not None:
+                log.error("run %s driver crashed: %r", run_id, t.exception())
+
+        task.add_done_callback(done)
+        return driver
+
+    # -- tasks ----------------------------------------------------------------------------------
+    async def accept_task(self, msg: Msg) -> str | None:
+        """Start a run for a task message (idempotently). Returns the run id."""
+        tenant = msg.subject.rsplit(".", 1)[-1]
+        if tenant == REJECTED_TENANT:
+            return None  # our own rejection notices, captured by the work queue
+        try:
+            check_token("tenant", tenant)
+            raw = unpack(msg.data, (msg.headers or {}).get("Content-Type"))
+            if isinstance(raw, str):
+                raw = {"task": raw}
+            request = TaskRequest.model_validate(raw)
+            if request.task is None and request.input is None and request.fork is None:
+                raise TaskRejected("a task needs \"task\" (text), \"input\" (an object) or "
+                                   "\"fork\"")
+        except (CodecError, ConfigError, TaskRejected) as exc:
+            await self.reject(msg, exc.message)
+            raise TaskRejected(exc.message) from None
+        except ValueError as exc:  # pydantic's ValidationError
+            reason = _validation_reason(exc)
+            await self.reject(msg, reason)
+            raise TaskRejected(reason) from None
+        run_id = request.run_id or self._run_id_for(tenant, msg)
+        if request.fork is not None:
+            try:
+                if self.spawn_guard is not None:
+                    await self.spawn_guard.check_spawn(tenant)
+                first = await fork_history(self.bus, request.fork, tenant, run_id,
+                                           (msg.headers or {}).get("Nats-Msg-Id"))
+            except NerveError as exc:
+                if exc.retryable:
+                    raise
+                await self.reject(msg, exc.message, run_id=run_id)
+                raise TaskRejected(exc.message) from None
+            await self.start_run(first[0], prefix=first[1:])
+            return run_id
+        try:
+            definition = self.registry.get(request.workflow, request.version)
+            workflow_input = request.input if request.input is not None else {}
+            if request.task is not None:
+                workflow_input = {**workflow_input, "task": request.task}
+            for key in ("tools", "model", "max_turns"):
+                if getattr(request, key) is not None:
+                    workflow_input[key] = getattr(request, key)
+            definition.parse_input(workflow_input)
+            if self.spawn_guard is not None:
+                await self.spawn_guard.check_spawn(tenant)
+        except NerveError as exc:
+            if exc.retryable:
+                raise
+            await self.reject(msg, exc.message, run_id=run_id)
+            raise TaskRejected(exc.message) from None
+        started = RunStarted(run_id=run_id, tenant=tenant, workflow=definition.name,
+                             version=definition.version, input=workflow_input,
+                             task_id=(msg.headers or {}).get("Nats-Msg-Id"),
+                             labels=request.labels)
+        await self.start_run(started)
+        return run_id
+
+    async def start_run(self, started: RunStarted, prefix: list[Event] | None = None) -> None:
+        """Write the run's first record (idempotent by run id) and take ownership of it.
+
+        ``prefix``: events copied from a parent run after ``RunStarted`` (a fork).
+        """
+        history = RunHistory(self.bus, started.run_id)
+        created = await history.create(started, *(prefix or []))
+        if not created:
+            events = await history.read()
+            if events and events[-1].type in ("run_completed", "run_failed", "run_cancelled"):
+                return  # a duplicate of a finished run
+        kv = await self.bus.kv(self.bus.names.leases_bucket)
+        record = RunRecord(self.owner_id, 1, started.tenant)
+        try:
+            await kv.create(self.bus.names.run_lease(started.run_id), record.encode())
+        except (KeyWrongLastSequenceError, APIError):
+            return  # someone owns it already (a duplicate delivery of the same task)
+        if created:
+            log.info("run %s started (%s %s, tenant %s)", started.run_id, started.workflow,
+                     started.version, started.tenant)
+        self._start_driver(started.run_id, 1, takeover=not created)
+
+    @staticmethod
+    def _run_id_for(tenant: str, msg: Msg) -> str:
+        """Stable per task message: a redelivery or a re-publish with the same
+        ``Nats-Msg-Id`` maps to the same run id, so it never starts two runs."""
+        msg_id = (msg.headers or {}).get("Nats-Msg-Id")
+        if msg_id:
+            basis = f"{tenant}\x00id\x00{msg_id}"
+        else:
+            meta = msg.metadata
+            basis = f"{tenant}\x00seq\x00{meta.sequence.stream}\x00{meta.timestamp}"
+        return "r" + hashlib.sha256(basis.encode()).hexdigest()[:20]
+
+    async def reject(self, msg: Msg, reason: str, run_id: str | None = None) -> None:
+        """Tell whoever listens (``nats sub nerve.tasks.rejected``) why a task was refused."""
+        notice = {"reason": reason, "subject": msg.subject, "run_id": run_id,
+                  "task": (msg.data or b"")[:2048].decode("utf-8", "replace"), "at": time.time()}
+        log.warning("task on %s rejected: %s", msg.subject, reason)
+        names = self.bus.names
+        with contextlib.suppress(NatsClientError, asyncio.TimeoutError):
+            await self.bus.nc.publish(names.tasks_rejected, encode_json(notice),
+                                      headers={"Content-Type": "application/json"})
+            await self.bus.js.publish(names.event("tasks.rejected"), encode(notice))
+
+    # -- operations on owned runs ---------------------------------------------------------------
+    def runs_of(self, tenant: str) -> list[str]:
+        return [rid for rid, d in self.drivers.items() if d.tenant == tenant]
+
+
+def _validation_reason(exc: Exception) -> str:
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        first = errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "task"
+        return f"invalid task: {where}: {first['msg']}"
+    return f"invalid task: {exc}"
