@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -79,8 +80,13 @@ async def serve(args: argparse.Namespace) -> int:
     placement = Placement(bus) if args.placement else None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    def on_signal(sig: signal.Signals) -> None:
+        logging.getLogger("nerve.sandbox").warning("sandbox host %s: got %s; stopping",
+                                                   host_id, sig.name)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     await host.start()
     if placement is not None:
         await placement.start()
@@ -88,17 +94,30 @@ async def serve(args: argparse.Namespace) -> int:
         args.ready_file.write_text(host_id)
     print(f"sandbox host {host_id} serving ({backend.name} backend)", flush=True)
     try:
-        waiters = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(host.wait())}
-        _done, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        stopper = asyncio.ensure_future(stop.wait())
+        failure = asyncio.ensure_future(host.wait())
+        _done, pending = await asyncio.wait({stopper, failure},
+                                            return_when=asyncio.FIRST_COMPLETED)
         for task in pending:
             task.cancel()
+        if failure.done() and not failure.cancelled() and failure.exception() is not None:
+            logging.getLogger("nerve.sandbox").error("sandbox host %s stops: %s", host_id,
+                                                     failure.exception())
+            code = 1
+        elif failure.done():
+            logging.getLogger("nerve.sandbox").error("sandbox host %s: wait ended (%s)",
+                                                     host_id, failure)
+            code = 1
+        else:
+            code = 0
     finally:
         if placement is not None:
             await placement.stop()
         await host.stop()
         await egress.stop()
-        await bus.close()
-    return 0
+        with contextlib.suppress(Exception):
+            await bus.close()
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
