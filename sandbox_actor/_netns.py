@@ -10,10 +10,16 @@ fail-closed check that no interface or route was added behind our back.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import ipaddress
+import os
+import threading
 from dataclasses import dataclass
 
 from nerve._errors import SandboxUnavailable
+
+_CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,20 +31,44 @@ class NetView:
 
 async def inspect(pid: int) -> NetView:
     """Interfaces, addresses and route destinations in ``pid``'s network namespace."""
-    # pyroute2 opens AF_NETLINK datagram endpoints, which uvloop cannot: it gets a plain
-    # asyncio loop of its own in a worker thread.
-    return await asyncio.to_thread(_inspect_blocking, pid)
+    return await asyncio.to_thread(_inspect_in_thread, pid)
 
 
-def _inspect_blocking(pid: int) -> NetView:
-    with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
-        return runner.run(_inspect(pid))
+def _inspect_in_thread(pid: int) -> NetView:
+    # Not pyroute2's ``netns=`` mode: it forks a helper and later SIGTERMs the helper's pid,
+    # which another process may own by then (the asyncio child watcher can reap the helper
+    # first, and pids wrap quickly on a busy host): that killed unrelated processes here.
+    # Instead a throw-away thread joins the namespace (setns applies to one thread) and
+    # opens an ordinary netlink socket there. pyroute2 also needs a plain asyncio loop
+    # (uvloop cannot open AF_NETLINK endpoints), which that thread runs.
+    box: dict[str, object] = {}
+
+    def body() -> None:
+        try:
+            fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if _libc.setns(fd, _CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns into {pid}'s network namespace failed")
+            finally:
+                os.close(fd)
+            with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
+                box["view"] = runner.run(_inspect())
+        except BaseException as exc:  # handed to the caller's thread below
+            box["error"] = exc
+
+    thread = threading.Thread(target=body, name=f"netns-inspect-{pid}", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["view"]  # type: ignore[return-value]
 
 
-async def _inspect(pid: int) -> NetView:
+async def _inspect() -> NetView:
     from pyroute2 import AsyncIPRoute
 
-    async with AsyncIPRoute(netns=f"/proc/{pid}/ns/net") as ipr:
+    async with AsyncIPRoute() as ipr:
         links = [str(link.get("ifname")) async for link in await ipr.link("dump")]
         addrs = [str(a.get("address")) async for a in await ipr.addr("dump")]
         routes = [str(r.get("dst") or "default") async for r in await ipr.route("dump")]
