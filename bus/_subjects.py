@@ -125,6 +125,11 @@ class Names:
         """Operational events (supervisor restarts, breaker trips, costs): ``nerve.events.*``."""
         return f"{self.prefix}.events.{kind}"
 
+    @property
+    def cost_events(self) -> str:
+        """One event per LLM call (run, tenant, model, tokens by kind, cache hit ratio)."""
+        return f"{self.prefix}.events.cost"
+
     def ctl(self, suffix: str = ">") -> str:
         return f"{self.prefix}.ctl.{suffix}"
 
@@ -133,6 +138,27 @@ class Names:
 
     def tenant_reset(self, tenant: str = "*") -> str:
         return f"{self.prefix}.ctl.tenant.{self._id(tenant, 'tenant')}.reset"
+
+    # -- budget ------------------------------------------------------------------------
+    @property
+    def budget_api(self) -> str:
+        """Request/reply subject of the budget actor (reports, limits, kill, reset)."""
+        return f"{self.prefix}.budget.api"
+
+    def budget_cost_event(self, tenant: str = "*") -> str:
+        """Charges to a tenant's ledger, batched (published by ``Ledger.settle``; the
+        breaker's burn-rate input): ``nerve.events.budget.cost.<tenant>``."""
+        return f"{self.prefix}.events.budget.cost.{self._id(tenant, 'tenant')}"
+
+    @property
+    def budget_trip_event(self) -> str:
+        """Runaway-breaker trips, with their evidence."""
+        return f"{self.prefix}.events.budget.trip"
+
+    @property
+    def budget_kill_event(self) -> str:
+        """Kill-switch changes (kills and resets), stored for audit."""
+        return f"{self.prefix}.events.budget.kill"
 
     # -- keys --------------------------------------------------------------------------
     @staticmethod
@@ -150,6 +176,16 @@ class Names:
     @staticmethod
     def budget_key(tenant: str) -> str:
         return f"tenant.{check_token('tenant', tenant)}"
+
+    @staticmethod
+    def budget_run_key(tenant: str, run_id: str) -> str:
+        """A run's own ledger (only when the tenant has per-run limits)."""
+        return f"run.{check_token('tenant', tenant)}.{check_token('run id', run_id)}"
+
+    @staticmethod
+    def budget_lease(name: str) -> str:
+        """Leader lease of a budget duty (``breaker``) in the leases bucket."""
+        return f"budget.{check_token('budget duty', name)}"
 
     @staticmethod
     def snapshot_name(sandbox_id: str, seq: int) -> str:

@@ -30,11 +30,13 @@ RoleRunner = Callable[[Bus, RoleOptions], Awaitable[None]]
 ROLES: dict[str, str] = {
     "orchestrator": "workflow._roles:run_orchestrator",
     "activity": "workflow._roles:run_activity_worker",
+    "budget": "budget_actor._role:run_budget",
+    "gateway": "gateway_actor._role:run_gateway",
     "sandbox": "sandbox_actor._roles:run_sandbox_host",
 }
 
 # What `nerve up` starts by default, in start order.
-DEFAULT_UP_ROLES: list[str] = ["orchestrator", "activity"]
+DEFAULT_UP_ROLES: list[str] = ["orchestrator", "activity", "budget", "gateway"]
 
 
 def load_role(role: str) -> RoleRunner:

@@ -63,26 +63,37 @@ class RunHistory:
         self.length = 0  # number of events in the history
 
     async def read(self, after_seq: int = 0) -> list[Event]:
-        """Read the whole history (or what follows ``after_seq``), in order.
+        """Read the whole history (or the records after stream sequence ``after_seq``).
 
         Also positions this writer at the end, so the next :meth:`append` is fenced
         against what was read.
         """
         events: list[Event] = []
-        async for seq, record in self.records(after_seq):
+        first_index: int | None = None
+        async for seq, headers, record in self.records(after_seq):
+            if first_index is None:
+                # A record's msg id names the index of its first event: a partial read
+                # still knows where in the whole history it starts.
+                first_index = (int(headers.get(H_MSG_ID, ":0").rsplit(":", 1)[1])
+                               if after_seq else 0)
             events.extend(record)
             self.last_seq = seq
-        if after_seq == 0:
-            self.length = len(events)
-        else:
-            self.length += len(events)
+        if first_index is not None:
+            self.length = first_index + len(events)
         return events
 
     async def records(self, after_seq: int = 0):
-        """Yield ``(stream_seq, events)`` per stored record, oldest first."""
-        async for seq, data, _headers in direct_get_subject(
+        """Yield ``(stream_seq, headers, events)`` per stored record, oldest first."""
+        async for seq, data, headers in direct_get_subject(
                 self.bus, self.bus.names.runs_stream, self.subject, after_seq):
-            yield seq, decode_record(data)
+            yield seq, headers, decode_record(data)
+
+    async def first(self) -> RunStarted | None:
+        """The run's first event (one small read), or None if there is no such run."""
+        async for _seq, _headers, record in direct_first(self):
+            first = record[0]
+            return first if isinstance(first, RunStarted) else None
+        return None
 
     async def create(self, started: RunStarted, *more: Event) -> bool:
         """Write the first record (``started`` and any ``more`` events after it). False if the
@@ -149,12 +160,10 @@ class RunHistory:
 
     async def load_started(self) -> RunStarted:
         """The run's first event; :class:`~nerve.RunNotFound` if there is no such run."""
-        async for _seq, record in self.records():
-            first = record[0]
-            if isinstance(first, RunStarted):
-                return first
-            break
-        raise RunNotFound(f"no run {self.run_id}", run_id=self.run_id)
+        first = await self.first()
+        if first is None:
+            raise RunNotFound(f"no run {self.run_id}", run_id=self.run_id)
+        return first
 
 
 async def direct_get_subject(bus: Bus, stream: str, subject: str, after_seq: int = 0,
@@ -207,3 +216,11 @@ async def direct_get_subject(bus: Bus, stream: str, subject: str, after_seq: int
         if status == "404" or (headers.get("Nats-Num-Pending", "0") == "0"
                                and len(got) < batch):
             return
+
+
+async def direct_first(history: RunHistory):
+    """Yield the first record of a history only (a batch of one)."""
+    async for seq, data, headers in direct_get_subject(
+            history.bus, history.bus.names.runs_stream, history.subject, 0, batch=1):
+        yield seq, headers, decode_record(data)
+        return

@@ -6,13 +6,13 @@ import random as _random
 import time
 import uuid as _uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from pydantic import BaseModel
 
 from bus import Names
 from gateway_actor import LLMRequest, LLMResponse
-from workflow._instance import Signal, WorkflowInstance
+from workflow._instance import ContinueAsNew, Signal, WorkflowInstance
 from workflow._policy import DEFAULT_POLICIES, RetryPolicy
 
 ACTIVITY_ATTR = "__nerve_activity__"
@@ -159,6 +159,12 @@ class RunContext:
     def uuid(self) -> str:
         """A random UUID, recorded."""
         return str(self._instance.marker("uuid", "", lambda: str(_uuid.uuid4())))
+
+    def continue_as_new(self, input: Any = None) -> NoReturn:
+        """End this segment of the run and start the workflow over with ``input``, in the
+        same run. A run that lives for weeks calls this now and then so that a takeover
+        replays only its latest segment."""
+        raise ContinueAsNew(_plain(input))
 
     def patched(self, change_id: str) -> bool:
         """True where new code should run: always for new runs, and for old histories only

@@ -40,6 +40,7 @@ from persistence import (
     PauseMessage,
     ResumeMessage,
     RunBlocked,
+    RunContinued,
     RunHistory,
     RunPaused,
     RunResumed,
@@ -128,13 +129,14 @@ class RunDriver:
     """Drives one run while its orchestrator owns it (see the module docstring)."""
 
     def __init__(self, orchestrator: Orchestrator, run_id: str, epoch: int, takeover: bool,
-                 ) -> None:
+                 replay_from: int = 0) -> None:
         self.orch = orchestrator
         self.bus = orchestrator.bus
         self.names = orchestrator.bus.names
         self.run_id = run_id
         self.epoch = epoch
         self.takeover = takeover
+        self.replay_from = replay_from
         self.history = RunHistory(self.bus, run_id, writer=f"{orchestrator.owner_id}:{epoch}")
         self.instance: WorkflowInstance | None = None
         self.started: RunStarted | None = None
@@ -232,12 +234,14 @@ class RunDriver:
     # -- replay -------------------------------------------------------------------------------
     async def _replay(self) -> bool:
         """Rebuild the run from its history. False if there is nothing (left) to drive."""
-        events = await self.history.read()
-        if not events or not isinstance(events[0], RunStarted):
+        # A run that continued as new replays only its current segment.
+        self.started = await self.history.first()
+        events = await self.history.read(max(0, self.replay_from - 1)) if self.replay_from \
+            else await self.history.read()
+        if self.started is None or not events:
             log.error("run %s has no history to drive", self.run_id)
             self.status = "missing"
             return False
-        self.started = events[0]
         if events[-1].type in TERMINAL_TYPES:
             # It ended but its record outlived it (the owner died right after the end).
             self.status = events[-1].type.removeprefix("run_")
@@ -252,11 +256,13 @@ class RunDriver:
         except WorkflowNotFound as exc:
             await self._block_once(events, exc.message, {})
             return False
-        instance = WorkflowInstance(definition.fn, self.started, self._make_context,
-                                    recorded=events, wall_clock=time.time)
-        self.instance = instance
         for event in events:
             self._track(event)
+        cut = max((i for i, e in enumerate(events) if isinstance(e, RunContinued)), default=None)
+        segment = events[cut:] if cut is not None else events
+        instance = self._new_instance(definition.fn, segment, segment[0] if cut is not None
+                                      else None)
+        for event in segment:
             instance.apply(event, recorded=True)
             self._adopt(instance.take_commands(), live=False)
         fresh = instance.take_events()
@@ -289,6 +295,14 @@ class RunDriver:
                                              "diff": diff}))
         await self._flush_outputs()
         log.error("run %s is blocked: %s", self.run_id, reason)
+
+    def _new_instance(self, fn: Any, recorded: list[Event],
+                      segment: RunContinued | None) -> WorkflowInstance:
+        assert self.started is not None
+        self.instance = WorkflowInstance(fn, self.started, self._make_context,
+                                         recorded=recorded, wall_clock=time.time,
+                                         segment=segment)
+        return self.instance
 
     def _make_context(self, instance: WorkflowInstance) -> RunContext:
         return RunContext(instance, self.names, self.orch.policies, self.orch.sandbox_meta)
@@ -388,10 +402,12 @@ class RunDriver:
     async def _commit(self, events: list[Event]) -> None:
         for attempt in range(1, 6):
             try:
-                await self.history.append(*events)
+                seq = await self.history.append(*events)
                 for ev in events:
                     if isinstance(ev, StepScheduled):
                         crash_point("scheduled", ev.index)
+                    elif isinstance(ev, RunContinued):
+                        await self._next_segment(ev, seq)
                 return
             except StaleWriterError:
                 raise
@@ -676,6 +692,26 @@ class RunDriver:
         status = "paused" if self._paused else ("waiting" if waiting else "running")
         self._emits.append(StreamEvent(type="status", run_id=self.run_id,
                                        data={"status": status}))
+
+    async def _next_segment(self, continued: RunContinued, seq: int) -> None:
+        """The workflow continued as new: start its next segment from ``continued``."""
+        assert self.instance is not None
+        fn = self.instance.fn
+        await self.orch.mark_segment(self.run_id, seq)
+        for op in self._open.values():  # steps of the old segment are abandoned
+            op.cancel_timers()
+        self._open.clear()
+        self._new_commands.clear()
+        self._to_dispatch.clear()
+        instance = self._new_instance(fn, [continued], continued)
+        instance.apply(continued, recorded=True)
+        self._adopt(instance.take_commands(), live=True)
+        fresh = instance.take_events()
+        for event in fresh:
+            self._track(event)
+        self._emits.extend(instance.take_emits())
+        if fresh:
+            await self._commit(fresh)
 
     async def _on_end(self) -> None:
         assert self.instance is not None
