@@ -22,7 +22,9 @@ class SandboxWorker(StepWorker):
     """Performs one sandbox's steps, one at a time, under the runner's commit protocol.
 
     A step the runner refuses because this host lost the sandbox (:class:`Fenced`) is
-    neither answered nor acked: it goes back to the queue for the new owner.
+    neither answered nor acked: it goes back to the queue for the new owner. Unlike the
+    base class, the result is delivered before ``handle`` returns (and the item is acked
+    only then): the commit order is snapshot, assignment, result, ack.
     """
 
     concurrency = 1  # a sandbox's steps are sequential
@@ -52,6 +54,9 @@ class SandboxWorker(StepWorker):
             await self.reply(message, cached)
             return
         started = time.perf_counter()
+        # The run's owner may expect liveness for long steps (the workflow's heartbeat).
+        beat = (asyncio.create_task(self._heartbeat_owner(message))
+                if message.meta.get("heartbeat_timeout") and message.result_to else None)
         try:
             value = await self.runner.perform(message, self._streamer(message))
             result = StepResult(run_id=message.run_id, index=message.index,
@@ -68,6 +73,9 @@ class SandboxWorker(StepWorker):
             log.exception("sandbox step %s failed", message.key)
             result = self._error(message, {"type": type(exc).__name__, "message": str(exc),
                                            "retryable": True, "fields": {}})
+        finally:
+            if beat is not None:
+                beat.cancel()
         result.duration_ms = (time.perf_counter() - started) * 1000
         self._remember(message, result)
         await self.reply(message, result)

@@ -31,19 +31,24 @@ def backend_config(state: Path | None = None, host_id: str = "test",
 
 
 def sandbox_uid_processes(uid: int = SANDBOX_UID) -> list[int]:
-    """Host pids running as the sandbox uid (leak check)."""
+    """Live host pids running as the sandbox uid (leak check).
+
+    Zombies are left out: a sandbox whose host was SIGKILLed is reparented to the host's
+    init, which reaps it in its own time; a zombie holds no memory, files or namespaces.
+    """
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
-            for line in Path(f"/proc/{entry}/status").read_text().splitlines():
-                if line.startswith("Uid:"):
-                    if int(line.split()[1]) == uid:
-                        found.append(int(entry))
-                    break
+            status = Path(f"/proc/{entry}/status").read_text().splitlines()
         except OSError:
             continue
+        fields = dict(line.split(":", 1) for line in status if ":" in line)
+        if fields.get("State", "").strip().startswith("Z"):
+            continue
+        if int(fields.get("Uid", "-1 0").split()[0]) == uid:
+            found.append(int(entry))
     return found
 
 

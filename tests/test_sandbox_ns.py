@@ -277,12 +277,13 @@ async def test_no_host_environment_or_secret_enters(backend: NsBackend,
 
 # -- cleanup ---------------------------------------------------------------------------------
 async def test_destroy_leaves_no_process_mount_or_cgroup(backend: NsBackend) -> None:
+    before = set(sandbox_uid_processes())  # other tests' sandboxes may be going away
     sb = await make(backend, "clean")
     await sb.exec(sh("(setsid sleep 1000 &); sleep 0.1"))
     cgroup_dirs = list(sb.cgroups.paths.values())
-    assert sandbox_uid_processes()
+    assert set(sandbox_uid_processes()) - before
     await backend.destroy(sb)
-    assert not sandbox_uid_processes()
+    assert not set(sandbox_uid_processes()) - before
     assert not any(p.exists() for p in cgroup_dirs)
     assert not mounts_under(str(backend.config.state_dir))
     assert not (backend.config.sandboxes_dir / "clean").exists()
