@@ -558,7 +558,9 @@ class NsBackend(SandboxBackend):
     @staticmethod
     def _protect(sb: NsSandbox) -> None:
         # The sandbox's init and agent are the last choice of the OOM killer: the code's
-        # own processes go first (the agent raises its children's score).
+        # own processes go first (the agent raises its children's score). Best effort:
+        # where the host may not lower scores (this CI VM refuses it), the memory cgroup
+        # still contains the damage and a killed agent is a crash the runner restores.
         for pid in sb.cgroups.pids():
             with contextlib.suppress(OSError):
                 Path(f"/proc/{pid}/oom_score_adj").write_text("-900")
