@@ -193,5 +193,15 @@ class Names:
         return f"sandbox.{check_token('sandbox id', sandbox_id)}.{seq:012d}"
 
     @staticmethod
+    def snapshot_chunk(digest: str) -> str:
+        """A content-addressed chunk of workspace data in the snapshots object store."""
+        return f"chunk.{check_token('chunk digest', digest)}"
+
+    @staticmethod
+    def sandbox_durable(sandbox_id: str) -> str:
+        """The durable consumer that feeds one sandbox its steps."""
+        return f"sandbox_{check_token('sandbox id', sandbox_id)}"
+
+    @staticmethod
     def _id(value: str, kind: str) -> str:
         return value if value in ("*", ">") else check_token(kind, value)

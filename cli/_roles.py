@@ -32,6 +32,7 @@ ROLES: dict[str, str] = {
     "activity": "workflow._roles:run_activity_worker",
     "budget": "budget_actor._role:run_budget",
     "gateway": "gateway_actor._role:run_gateway",
+    "sandbox": "sandbox_actor._roles:run_sandbox_host",
 }
 
 # What `nerve up` starts by default, in start order.

@@ -12,7 +12,10 @@ import subprocess
 import sys
 
 # (command that proves it is installed, Debian packages that provide it, who needs it)
-REQUIREMENTS: list[tuple[str, list[str], str]] = []
+REQUIREMENTS: list[tuple[str, list[str], str]] = [
+    ("runsc", ["runsc"], "the gvisor sandbox backend's tests (tests/test_sandbox_gvisor.py)"),
+    ("openssl", ["openssl"], "the sandbox egress proxy's TLS tests (a self-signed server)"),
+]
 
 
 def main() -> int:
