@@ -36,7 +36,7 @@ ROLES: dict[str, str] = {
 }
 
 # What `nerve up` starts by default, in start order.
-DEFAULT_UP_ROLES: list[str] = ["orchestrator", "activity", "budget", "gateway"]
+DEFAULT_UP_ROLES: list[str] = ["orchestrator", "activity", "budget", "gateway", "sandbox"]
 
 
 def load_role(role: str) -> RoleRunner:
