@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from actors import Actor, Delivery, Requests, run
+from actors._telemetry import configure_tracing
 from bus import Bus, provision
 from cli._roles import ROLES, RoleOptions, load_role
 from cli._target import add_target_args, connect_target
@@ -77,6 +78,7 @@ class RoleStatus(Actor[dict]):
 async def worker_main(args: argparse.Namespace) -> int:
     import_workflow_modules(args.workflows)
     ident = args.id or f"{args.role}-{socket.gethostname()}".replace(".", "-")
+    tracing = configure_tracing(f"nerve-{args.role}")
     runner = load_role(args.role)
     bus: Bus = await connect_target(args, name=f"nerve-{ident}")
     await provision(bus)
@@ -98,6 +100,8 @@ async def worker_main(args: argparse.Namespace) -> int:
     finally:
         await status.stop()
         await bus.close()
+        if tracing is not None:
+            tracing.shutdown()  # flush what is batched
     return 0
 
 

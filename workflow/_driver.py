@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from nats.errors import Error as NatsClientError
+from opentelemetry import trace
 
-from actors import StepResult, WorkItem, decode, encode
+from actors import Envelope, StepResult, WorkItem, decode, encode
 from actors._work import H_HEARTBEAT
 from nerve._errors import CodecError, HistoryError, NerveError, StaleWriterError, WorkflowNotFound
 from persistence import (
@@ -63,6 +64,7 @@ from workflow._chaos import crash_point
 from workflow._context import RunContext
 from workflow._instance import Command, InstanceState, WorkflowInstance
 from workflow._policy import DEFAULT_POLICIES, RetryPolicy
+from workflow._tracing import end_step_span, start_step_span
 
 if TYPE_CHECKING:
     from workflow._orchestrator import Orchestrator
@@ -118,6 +120,7 @@ class _Open:
     dispatched: bool = False
     last_heartbeat: float = 0.0
     timers: list[asyncio.TimerHandle] = field(default_factory=list)
+    span: Any = None  # this attempt's OpenTelemetry span
 
     def cancel_timers(self) -> None:
         for handle in self.timers:
@@ -309,6 +312,13 @@ class RunDriver:
 
     # -- the state the history implies ---------------------------------------------------------
     def _track(self, event: Event) -> None:
+        if isinstance(event, StepFailed | StepCompleted | TimerFired | SignalTimedOut) or (
+                isinstance(event, SignalReceived) and event.delivered_to is not None):
+            index = event.delivered_to if isinstance(event, SignalReceived) else event.index
+            op = self._open.get(index)
+            if op is not None and op.span is not None:
+                end_step_span(op.span, event.error if isinstance(event, StepFailed) else None)
+                op.span = None
         if isinstance(event, StepFailed):
             if event.final:
                 self._close(event.index)
@@ -599,8 +609,10 @@ class RunDriver:
             if op is None:
                 continue
             if cmd.kind == "timer":
+                self._trace(op)
                 self._arm(op, cmd.deadline or time.time(), "fire")
             elif cmd.kind == "signal":
+                self._trace(op)
                 if cmd.deadline is not None:
                     self._arm(op, cmd.deadline, "deadline")
                 self._emit_status()
@@ -644,10 +656,13 @@ class RunDriver:
                         key=key, reply_to=self.names.inbox(self.run_id),
                         result_to=self.names.results(self.run_id), deadline=deadline,
                         meta=cmd.meta)
+        self._trace(op)
+        with trace.use_span(op.span, end_on_exit=False):  # the item carries its traceparent
+            headers = Envelope(run_id=self.run_id, tenant=self.started.tenant).to_headers(
+                {"Nats-Msg-Id": f"work:{key}:{op.attempt}"})
         # Not waiting for the work queue's ack keeps a round trip off every step's critical
         # path; the ack is checked in the background and a lost item is dispatched again.
-        ack = await self.bus.js.publish_async(cmd.subject, encode(item),
-                                              headers={"Nats-Msg-Id": f"work:{key}:{op.attempt}"})
+        ack = await self.bus.js.publish_async(cmd.subject, encode(item), headers=headers)
         confirm = asyncio.create_task(self._confirm_dispatch(op, op.attempt, ack))
         self._confirms.add(confirm)
         confirm.add_done_callback(self._confirms.discard)
@@ -659,6 +674,10 @@ class RunDriver:
         if policy.heartbeat_timeout:
             self._arm_heartbeat(op, policy.heartbeat_timeout)
 
+    def _trace(self, op: _Open) -> None:
+        if op.span is None and self.started is not None:
+            op.span = start_step_span(self.started, op.command, op.attempt)
+
     def _run_local(self, op: _Open) -> None:
         """A local activity: run it here, in the orchestrator, instead of on a worker.
 
@@ -666,6 +685,7 @@ class RunDriver:
         through the same path. No NATS hop, so its cost is the history append alone.
         """
         op.dispatched = True
+        self._trace(op)
         task = asyncio.create_task(self._local(op, op.attempt))
         self._confirms.add(task)
         task.add_done_callback(self._confirms.discard)
