@@ -16,6 +16,7 @@ process (`nerve worker --role ...`); this process only submits tasks and reads h
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import statistics
@@ -25,9 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import itertools
-
 import bench.workflow_defs as defs
+from actors import run
 from bench._common import embedded_bus, parse_args, pct, report
 from persistence import RunHistory, RunStarted, StepScheduled
 from workflow import ActivityContext, NerveClient, Orchestrator
@@ -202,4 +202,4 @@ async def main() -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONPATH", str(Path(__file__).resolve().parent.parent))
-    asyncio.run(main())
+    run(main())  # the runtime nerve processes use: uvloop, tuned GC
