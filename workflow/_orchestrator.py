@@ -39,7 +39,7 @@ from nerve._errors import (
     TaskRejected,
 )
 from persistence import CancelMessage, Event, PauseMessage, RunHistory, RunStarted, TaskRequest
-from supervisor import Lease, lease_keys, watch_leases
+from supervisor import Lease, lease_entries, watch_leases
 from workflow._definition import ActivityRegistry, WorkflowRegistry, workflows
 from workflow._definition import activities as default_activities
 from workflow._driver import RunDriver, _Inbox, _Reconnected
@@ -118,6 +118,10 @@ class Orchestrator:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = False
         self._claim_lock = asyncio.Lock()
+        # Runs we own whose driver stopped without ending them (blocked, missing): not
+        # claimed again by our own sweeps until this process restarts.
+        self._parked: set[str] = set()
+        self.sweep_every = max(5.0, 3 * host_ttl)
         self._kill_notices: KillNotices | None = None
         self.ready = asyncio.Event()
 
@@ -134,6 +138,7 @@ class Orchestrator:
         await self.host_lease.wait_acquire(poll=0.2, timeout=max(10.0, 3 * self.host_lease.ttl))
         self.host_lease.keep_alive(on_lost=self._on_lease_lost)
         self._spawn(self._watch())
+        self._spawn(self._sweep())
         if self.kill_switch:
             self._kill_notices = kill_notices(self.bus)
             await self._kill_notices.open()
@@ -194,13 +199,28 @@ class Orchestrator:
     # -- ownership ------------------------------------------------------------------------------
     async def _watch(self) -> None:
         """Follow host leases; when one goes away, claim that host's runs."""
-        initial = asyncio.Event()
-        async for change in watch_leases(self.bus, "host.*", initial_done=initial):
-            if initial.is_set() and not self.ready.is_set():
-                self.ready.set()
-                self._spawn(self._claim_orphans())
-            if change is not None and change.record is None:
-                self._spawn(self._claim_orphans(dead_host=change.key.partition(".")[2]))
+        while True:
+            initial = asyncio.Event()
+            try:
+                async for change in watch_leases(self.bus, "host.*", initial_done=initial):
+                    if initial.is_set() and not self.ready.is_set():
+                        self.ready.set()
+                        self._spawn(self._claim_orphans())
+                    if change is not None and change.record is None:
+                        self._spawn(self._claim_orphans())
+            except (NatsClientError, TimeoutError, NerveError) as exc:
+                log.warning("orchestrator %s: lease watch failed (%r); watching again",
+                            self.owner_id, exc)
+                await asyncio.sleep(0.5)
+
+    async def _sweep(self) -> None:
+        """A safety net under the watch: look for orphaned runs every few host TTLs."""
+        while True:
+            await asyncio.sleep(self.sweep_every)
+            try:
+                await self._claim_orphans()
+            except (NatsClientError, TimeoutError, NerveError) as exc:
+                log.warning("orchestrator %s: orphan sweep failed (%r)", self.owner_id, exc)
 
     async def _raw_record(self, key: str) -> tuple[RunRecord, int] | None:
         kv = await self.bus.kv(self.bus.names.leases_bucket)
@@ -212,29 +232,20 @@ class Orchestrator:
             return None
         return RunRecord.decode(entry.value), entry.revision or 0
 
-    async def _claim_orphans(self, dead_host: str | None = None) -> None:
+    async def _claim_orphans(self) -> None:
         """Claim every active run whose owner is us (restarted) or not alive."""
         # One sweep at a time: two overlapping sweeps would both see a run we just claimed
         # as "ours" and claim it again from ourselves.
         async with self._claim_lock:
-            for key in await lease_keys(self.bus, "run.*"):
+            hosts = {key.partition(".")[2]
+                     for key in await lease_entries(self.bus, "host.*")}
+            for key, (value, revision) in (await lease_entries(self.bus, "run.*")).items():
                 run_id = key.partition(".")[2]
-                if run_id in self.drivers:
+                if run_id in self.drivers or run_id in self._parked:
                     continue
-                found = await self._raw_record(key)
-                if found is None or run_id in self.drivers:
-                    continue
-                record, revision = found
-                if record.owner == self.owner_id or not await self._host_alive(record.owner):
+                record = RunRecord.decode(value)
+                if record.owner == self.owner_id or record.owner not in hosts:
                     await self._claim(run_id, record, revision)
-
-    async def _host_alive(self, host: str) -> bool:
-        kv = await self.bus.kv(self.bus.names.leases_bucket)
-        try:
-            entry = await kv.get(self.bus.names.host_lease(host))
-        except KeyNotFoundError:
-            return False
-        return entry.value is not None and entry.operation is None
 
     async def _claim(self, run_id: str, record: RunRecord, revision: int) -> bool:
         kv = await self.bus.kv(self.bus.names.leases_bucket)
@@ -284,6 +295,8 @@ class Orchestrator:
         def done(t: asyncio.Task[None]) -> None:
             self.drivers.pop(run_id, None)
             self._driver_tasks.pop(run_id, None)
+            if driver.status in ("blocked", "missing"):
+                self._parked.add(run_id)
             if not t.cancelled() and t.exception() is not None:
                 log.error("run %s driver crashed: %r", run_id, t.exception())
 
