@@ -4,6 +4,7 @@ from actors._actor import Actor, ActorState, Delivery, Permanent, ask, run
 from actors._codec import JSON, MSGPACK, decode, encode, encode_json, unpack
 from actors._envelope import Envelope, new_id
 from actors._mailbox import DeadLetter, Requests, WorkQueue, publish_dead_letter
+from actors._poison import PoisonKeeper
 from actors._work import StepResult, StepWorker, WorkItem
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "Delivery",
     "Envelope",
     "Permanent",
+    "PoisonKeeper",
     "Requests",
     "StepResult",
     "StepWorker",

@@ -70,6 +70,16 @@ def stream_configs(names, limits: StreamLimits) -> list[StreamConfig]:
             retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
             max_age=limits.dead_max_age, **common,
         ),
+        # JetStream's "out of deliveries" advisories for the work queues, kept so that a
+        # message whose handler crashed on every attempt is dead-lettered even if nobody
+        # was listening at that moment.
+        StreamConfig(
+            name=names.advisories_stream,
+            subjects=[names.max_deliveries_advisory(names.tasks_stream),
+                      names.max_deliveries_advisory(names.work_stream)],
+            retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
+            max_age=limits.dead_max_age, **common,
+        ),
         StreamConfig(
             name=names.events_stream, subjects=[f"{p}.events.>"],
             retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,

@@ -69,6 +69,15 @@ class Names:
     def events_stream(self) -> str:
         return f"{self.prefix.upper()}_EVENTS"
 
+    @property
+    def advisories_stream(self) -> str:
+        return f"{self.prefix.upper()}_ADVISORIES"
+
+    @staticmethod
+    def max_deliveries_advisory(stream: str, consumer: str = "*") -> str:
+        """JetStream's advisory that a message ran out of deliveries (no verdict given)."""
+        return f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.{consumer}"
+
     # -- buckets -----------------------------------------------------------------------
     @property
     def leases_bucket(self) -> str:

@@ -13,7 +13,7 @@ import socket
 import time
 from typing import Any
 
-from actors import Actor, Delivery, Requests, run
+from actors import Actor, Delivery, PoisonKeeper, Requests, run
 from actors._telemetry import configure_tracing
 from bus import Bus, provision
 from cli._roles import ROLES, RoleOptions, load_role
@@ -90,6 +90,8 @@ async def worker_main(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, lambda: main.cancel() if main else None)
     role_task = asyncio.create_task(runner(bus, opts), name=f"role:{args.role}")
     await status.start(bus)
+    keeper = PoisonKeeper()
+    await keeper.start(bus)
     log.info("worker %s (%s) running, pid %d", ident, args.role, os.getpid())
     try:
         await role_task
@@ -98,6 +100,7 @@ async def worker_main(args: argparse.Namespace) -> int:
         with contextlib.suppress(asyncio.CancelledError):
             await role_task
     finally:
+        await keeper.stop()
         await status.stop()
         await bus.close()
         if tracing is not None:
