@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
@@ -31,6 +32,9 @@ class Crasher(Actor[dict]):
     async def handle(self, message: dict[str, Any], delivery: Delivery) -> None:
         if message.get("poison"):
             os._exit(3)  # as a segfault or an OOM kill would: no verdict, no goodbye
+        await asyncio.to_thread(self._record, message)
+
+    def _record(self, message: dict[str, Any]) -> None:
         with open(self.done_file, "a") as f:
             f.write(json.dumps(message) + "\n")
 
