@@ -67,7 +67,7 @@ def state(data: Path) -> dict[str, Any]:
 
 async def test_nerve_up_and_the_client_commands(
         up: tuple[Path, asyncio.subprocess.Process, int]) -> None:
-    data, proc, port = up
+    data, _proc, port = up
     info = state(data)
     assert info["nats_url"] == f"nats://127.0.0.1:{port}"
     pids = {role: r["pid"] for role, r in info["roles"].items()}
