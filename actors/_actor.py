@@ -29,7 +29,7 @@ from actors._mailbox import (
     publish_dead_letter,
 )
 from bus import Bus
-from nerve._errors import BusError, CodecError, NerveError, error_from_wire
+from nerve import BusError, CodecError, NerveError, error_from_wire
 
 log = logging.getLogger("nerve.actors")
 _REPLY_HEADERS = {H_CONTENT_TYPE: MSGPACK}

@@ -35,7 +35,7 @@ from actors._actor import Actor, Delivery
 from actors._codec import encode
 from actors._envelope import Envelope
 from actors._mailbox import WorkQueue
-from nerve._errors import NerveError
+from nerve import NerveError
 
 log = logging.getLogger("nerve.actors.work")
 

@@ -30,8 +30,7 @@ import bench.workflow_defs as defs
 from actors import run
 from bench._common import embedded_bus, parse_args, pct, report
 from persistence import RunHistory, RunStarted, StepScheduled
-from workflow import ActivityContext, NerveClient, Orchestrator
-from workflow._replay import replay_run
+from workflow import ActivityContext, NerveClient, Orchestrator, replay_run
 
 
 async def spawn(role: str, ident: str, url: str, prefix: str, *extra: str,

@@ -47,7 +47,7 @@ from budget_actor._ledger import Ledger
 from budget_actor._limits import Limits
 from budget_actor._notices import ResetNotice, parse_kill_message
 from bus import Names
-from nerve._errors import CodecError, ConfigError, LeaseError, NerveError, UnknownTenant
+from nerve import CodecError, ConfigError, LeaseError, NerveError, UnknownTenant
 from persistence import (
     TERMINAL_TYPES,
     CancelMessage,

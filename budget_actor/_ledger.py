@@ -52,7 +52,7 @@ from budget_actor._state import (
 )
 from budget_actor._usage import Usage
 from bus import Bus, Names, check_token
-from nerve._errors import (
+from nerve import (
     BudgetExceeded,
     ConfigError,
     LedgerUnavailable,

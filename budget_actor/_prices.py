@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from budget_actor._usage import Usage
-from nerve._errors import ConfigError, UnknownModel
+from nerve import ConfigError, UnknownModel
 
 NANOS_PER_USD = 1_000_000_000
 _MTOK = Decimal(1_000_000)

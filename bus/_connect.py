@@ -18,7 +18,7 @@ from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
 from bus._subjects import Names
-from nerve._errors import BusError, ConfigError
+from nerve import BusError, ConfigError
 
 log = logging.getLogger("nerve.bus")
 

@@ -16,7 +16,7 @@ from nats.js.api import (
 from nats.js.errors import BadRequestError, NotFoundError
 
 from bus._connect import Bus
-from nerve._errors import ProvisioningError
+from nerve import ProvisioningError
 
 log = logging.getLogger("nerve.bus.provision")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from nerve._errors import ConfigError
+from nerve import ConfigError
 
 _PREFIX_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 # A token that may sit in one subject position: no wildcards, separators or whitespace.

@@ -27,8 +27,7 @@ from bus import ConnectOptions, connect
 from cli._roles import DEFAULT_UP_ROLES, ROLES
 from cli._up import Cluster
 from persistence import OwnerChanged, StepCompleted, StreamEvent
-from workflow import NerveClient
-from workflow._replay import replay_run
+from workflow import NerveClient, replay_run
 
 TASK = (
     "Write this program to a file, run it in the sandbox, and tell me what it prints:\n"

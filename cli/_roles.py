@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bus import Bus
-from nerve._errors import ConfigError
+from nerve import ConfigError
 
 
 @dataclass(slots=True)

@@ -12,10 +12,9 @@ from typing import Any
 from actors import run
 from cli._target import add_target_args, connect_target
 from cli._worker import import_workflow_modules
-from nerve._errors import ConfigError, RunNotFound
+from nerve import ConfigError, RunNotFound
 from persistence import RunHistory
-from workflow import NerveClient, RunSummary, summarize
-from workflow._replay import replay_run
+from workflow import NerveClient, RunSummary, replay_run, summarize
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

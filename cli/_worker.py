@@ -13,12 +13,11 @@ import socket
 import time
 from typing import Any
 
-from actors import Actor, Delivery, PoisonKeeper, Requests, run
-from actors._telemetry import configure_tracing
+from actors import Actor, Delivery, PoisonKeeper, Requests, configure_tracing, run
 from bus import Bus, provision
 from cli._roles import ROLES, RoleOptions, load_role
 from cli._target import add_target_args, connect_target
-from nerve._errors import ConfigError
+from nerve import ConfigError
 
 log = logging.getLogger("nerve.cli.worker")
 

@@ -41,7 +41,7 @@ from gateway_actor._gateway import CallRecord, Gateway
 from gateway_actor._protocol import LLMResponse, parse_request
 from gateway_actor._stream import TokenStream
 from gateway_actor._tokens import BYTES_PER_TOKEN, WORST_CASE_BYTES_PER_TOKEN
-from nerve._errors import (
+from nerve import (
     GatewayError,
     InvalidLLMRequest,
     LedgerUnavailable,

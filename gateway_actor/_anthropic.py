@@ -32,7 +32,7 @@ from gateway_actor._provider import (
     retry_after_of,
 )
 from gateway_actor._router import Upstream
-from nerve._errors import UpstreamError
+from nerve import UpstreamError
 
 log = logging.getLogger("nerve.gateway.anthropic")
 

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from gateway_actor._planner import PlannerConfig
 from gateway_actor._router import BreakerConfig, Policy
-from nerve._errors import ConfigError
+from nerve import ConfigError
 
 ProviderKind = Literal["anthropic", "openai", "scripted"]
 ANTHROPIC_API = "https://api.anthropic.com"

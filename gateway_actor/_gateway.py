@@ -36,7 +36,7 @@ from gateway_actor._planner import CachePlanner, PlannedCall, PrefixBreak, Prefi
 from gateway_actor._protocol import LLMRequest, LLMResponse
 from gateway_actor._provider import Attempt, Provider
 from gateway_actor._router import NoUpstream, Router, Upstream
-from nerve._errors import ConfigError, InvalidLLMRequest, UpstreamError
+from nerve import ConfigError, InvalidLLMRequest, UpstreamError
 
 log = logging.getLogger("nerve.gateway")
 tracer = trace.get_tracer("nerve.gateway")

@@ -23,7 +23,7 @@ from nats.js.errors import APIError, NotFoundError
 
 from actors import encode
 from bus import Bus
-from nerve._errors import CodecError, HistoryError, RunNotFound, StaleWriterError
+from nerve import CodecError, HistoryError, RunNotFound, StaleWriterError
 from persistence._events import EVENTS_ADAPTER, Event, RunStarted
 
 H_MSG_ID = "Nats-Msg-Id"

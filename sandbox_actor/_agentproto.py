@@ -15,7 +15,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from nerve._errors import SandboxCrashed
+from nerve import SandboxCrashed
 
 log = logging.getLogger("nerve.sandbox.agent")
 

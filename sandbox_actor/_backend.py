@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from nerve._errors import ConfigError, SandboxUnavailable
+from nerve import ConfigError, SandboxUnavailable
 from sandbox_actor._types import (
     BASE_ENV,
     Capabilities,

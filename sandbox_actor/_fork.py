@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bus import Bus, check_token
-from nerve._errors import SandboxError
+from nerve import SandboxError
 from sandbox_actor._records import Assignments, SandboxAssignment
 from sandbox_actor._snapshots import WorkspaceStore
 from sandbox_actor._types import SandboxSpec

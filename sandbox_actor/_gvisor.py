@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nerve._errors import SandboxCrashed, SandboxError, SandboxUnavailable
+from nerve import SandboxCrashed, SandboxError, SandboxUnavailable
 from sandbox_actor import _cgroups
 from sandbox_actor._agentproto import AGENT_PATH_IN_SANDBOX, AgentChannel
 from sandbox_actor._backend import BackendConfig, Sandbox, SandboxBackend, register

@@ -28,7 +28,7 @@ from nats.js.errors import NotFoundError
 
 from actors import encode
 from bus import Bus, Names
-from nerve._errors import LeaseLostError
+from nerve import LeaseLostError
 from persistence import SandboxNotice
 from sandbox_actor._backend import SandboxBackend
 from sandbox_actor._pool import WarmPool

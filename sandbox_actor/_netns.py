@@ -16,7 +16,7 @@ import os
 import threading
 from dataclasses import dataclass
 
-from nerve._errors import SandboxUnavailable
+from nerve import SandboxUnavailable
 
 _CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nerve._errors import ConfigError, SandboxCrashed, SandboxError, SandboxUnavailable
+from nerve import ConfigError, SandboxCrashed, SandboxError, SandboxUnavailable
 from sandbox_actor import _cgroups, _fs, _netns, _seccomp
 from sandbox_actor._agentproto import AGENT_PATH_IN_SANDBOX, AgentChannel
 from sandbox_actor._backend import BackendConfig, Sandbox, SandboxBackend, register

@@ -15,7 +15,7 @@ import itertools
 import logging
 import os
 
-from nerve._errors import NerveError
+from nerve import NerveError
 from sandbox_actor._backend import Sandbox, SandboxBackend
 from sandbox_actor._types import SandboxSpec
 

@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from actors import WorkItem
-from nerve._errors import LeaseLostError, NerveError, SandboxCrashed, SandboxError
+from nerve import LeaseLostError, NerveError, SandboxCrashed, SandboxError
 from sandbox_actor._backend import Sandbox, SandboxBackend
 from sandbox_actor._records import Assignments, SandboxAssignment
 from sandbox_actor._snapshots import GENERATION_STRIDE, WorkspaceStore

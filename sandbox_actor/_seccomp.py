@@ -13,7 +13,7 @@ import errno
 import functools
 import tempfile
 
-from nerve._errors import SandboxUnavailable
+from nerve import SandboxUnavailable
 
 #: Why each call is denied, in groups. Namespaces, mounts and user namespaces would let
 #: code rebuild its own view of the system; the rest reach host-kernel state or other

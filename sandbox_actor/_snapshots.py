@@ -31,7 +31,7 @@ import msgpack
 import zstandard
 
 from bus import Bus, Names
-from nerve._errors import SandboxError
+from nerve import SandboxError
 from persistence import SnapshotStore
 from sandbox_actor._types import SnapshotRef
 

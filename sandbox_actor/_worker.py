@@ -11,7 +11,7 @@ from nats.errors import Error as NatsClientError
 
 from actors import Delivery, StepResult, StepWorker, WorkItem, WorkQueue, encode
 from bus import Names
-from nerve._errors import NerveError
+from nerve import NerveError
 from persistence import StreamEvent
 from sandbox_actor._runner import Fenced, SandboxRunner
 

@@ -26,7 +26,7 @@ from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from bus import Bus
-from nerve._errors import ConfigError, LeaseHeldError, LeaseLostError
+from nerve import ConfigError, LeaseHeldError, LeaseLostError
 
 log = logging.getLogger("nerve.supervisor.lease")
 

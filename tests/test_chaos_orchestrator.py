@@ -177,7 +177,7 @@ async def test_two_orchestrators_race_for_an_orphaned_run(bus: Bus) -> None:
 async def test_continue_as_new_survives_kills_and_replays_only_its_segment(
         bus: Bus, procs: OrchestratorProcs) -> None:
     from persistence import RunContinued
-    from workflow._replay import replay_run
+    from workflow import replay_run
 
     client = NerveClient(bus)
     steps, per = 40, 7

@@ -20,7 +20,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from gateway_actor import LLMRequest, Message, ToolResultBlock, ToolSpec, ToolUseBlock
-from nerve._errors import StepError
+from nerve import StepError
 from persistence import args_digest
 from workflow._context import RunContext
 from workflow._definition import workflow

@@ -10,7 +10,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 
 from actors import encode, encode_json, new_id
 from bus import Bus, check_token
-from nerve._errors import RunNotFound, WorkflowError
+from nerve import RunNotFound, WorkflowError
 from persistence import (
     CancelMessage,
     Event,

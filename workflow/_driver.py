@@ -28,9 +28,8 @@ from typing import TYPE_CHECKING, Any
 from nats.errors import Error as NatsClientError
 from opentelemetry import trace
 
-from actors import Envelope, StepResult, WorkItem, decode, encode
-from actors._work import H_HEARTBEAT
-from nerve._errors import CodecError, HistoryError, NerveError, StaleWriterError, WorkflowNotFound
+from actors import H_HEARTBEAT, Envelope, StepResult, WorkItem, decode, encode
+from nerve import CodecError, HistoryError, NerveError, StaleWriterError, WorkflowNotFound
 from persistence import (
     INBOX_ADAPTER,
     TERMINAL_TYPES,

@@ -26,7 +26,7 @@ from typing import Any
 
 import msgpack
 
-from nerve._errors import NerveError, NondeterminismError, StepError
+from nerve import NerveError, NondeterminismError, StepError
 from persistence import (
     CancelRequested,
     Event,

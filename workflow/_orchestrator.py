@@ -31,7 +31,7 @@ from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
 from actors import Actor, Delivery, WorkQueue, encode, encode_json, unpack
 from budget_actor import KillNotice, KillNotices, kill_notices
 from bus import Bus, check_token
-from nerve._errors import (
+from nerve import (
     CodecError,
     ConfigError,
     LeaseLostError,

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bus import Bus
-from nerve._errors import NondeterminismError, RunNotFound, WorkflowNotFound
+from nerve import NondeterminismError, RunNotFound, WorkflowNotFound
 from persistence import EVENT_ADAPTER, Event, RunContinued, RunHistory, RunStarted
 from workflow._context import RunContext
 from workflow._definition import WorkflowRegistry, workflows
