@@ -33,10 +33,14 @@ async def backend() -> AsyncIterator[NsBackend]:
 async def test_snapshot_uploads_only_what_changed(backend: NsBackend, bus: Bus) -> None:
     store = WorkspaceStore(bus)
     sb = await backend.create(SandboxSpec(sandbox_id="delta"))
-    await sb.exec(sh("for i in 1 2 3 4 5 6 7 8; do head -c 1048576 /dev/urandom > f$i; done"))
+    made = await sb.exec(sh("for i in 1 2 3 4 5 6 7 8; do head -c 1048576 /dev/urandom > f$i; "
+                            "done"))
+    assert made.exit_code == 0, made
     full = await backend.snapshot(sb, store, seq=1, step_index=1)
     assert full.size > 8 * 1024 * 1024 and full.total == 8 * 1024 * 1024
-    await sb.exec(sh("head -c 65536 /dev/urandom > f3; echo new > g; rm f8; ln -s f1 l"))
+    changed = await sb.exec(sh("head -c 65536 /dev/urandom > f3; echo new > g; rm f8; "
+                               "ln -s f1 l"))
+    assert changed.exit_code == 0, changed  # a failure here used to show up as "f8" below
     delta = await backend.snapshot(sb, store, seq=2, step_index=2, parent=full.name)
     assert delta.size < 200 * 1024  # the changed 64 KiB file, a small one, the manifest
     same = await backend.snapshot(sb, store, seq=3, step_index=3)
