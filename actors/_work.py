@@ -192,10 +192,10 @@ class StepWorker(Actor[WorkItem]):
         assert self.bus is not None and item.result_to
         every = float(item.meta["heartbeat_timeout"]) / 3
         headers = {H_HEARTBEAT: f"{item.index}:{item.attempt}"}
-        while True:
-            await asyncio.sleep(every)
+        while True:  # the first beat says "started", then one every third of the timeout
             with contextlib.suppress(NatsClientError):
                 await self.bus.nc.publish(item.result_to, b"", headers=headers)
+            await asyncio.sleep(every)
 
     async def reply(self, item: WorkItem, result: StepResult) -> None:
         """Hand ``result`` to the run's owner; failing that, store it on the durable inbox."""

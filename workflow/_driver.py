@@ -435,7 +435,13 @@ class RunDriver:
         elif isinstance(item, _Heartbeat):
             op = self._open.get(item.index)
             if op is not None and op.attempt == item.attempt:
+                first = op.last_heartbeat == 0.0
                 op.last_heartbeat = time.time()
+                policy = op.command.policy
+                if first and policy is not None and policy.heartbeat_timeout:
+                    # The clock starts when a worker starts the step (its first beat):
+                    # time in the queue is the step timeout's business.
+                    self._arm_heartbeat(op, policy.heartbeat_timeout)
         elif isinstance(item, _Inbox):
             self._on_inbox_message(item.message, item.seq, events)
         elif isinstance(item, _Timer):
@@ -671,11 +677,9 @@ class RunDriver:
         self._background(self._confirm_dispatch(op, op.attempt, ack))
         op.dispatched = True
         crash_point("dispatched", cmd.index)
-        op.last_heartbeat = time.time()
+        op.last_heartbeat = 0.0  # not started by a worker yet
         if deadline is not None:
             self._arm(op, deadline, "timeout")
-        if policy.heartbeat_timeout:
-            self._arm_heartbeat(op, policy.heartbeat_timeout)
 
     def _trace(self, op: _Open) -> None:
         if op.span is None and self.started is not None:
