@@ -130,8 +130,12 @@ class StepWorker(Actor[WorkItem]):
         if cached is not None:
             return cached
         started = time.perf_counter()
-        beat = (asyncio.create_task(self._heartbeat_owner(message))
-                if message.meta.get("heartbeat_timeout") and message.result_to else None)
+        beat = None
+        if message.meta.get("heartbeat_timeout") and message.result_to:
+            # "Started" reaches the owner before the effect begins, so a worker that dies
+            # inside the step is noticed by its heartbeat timeout, not by redelivery.
+            await self._beat(message, flush=True)
+            beat = asyncio.create_task(self._heartbeat_owner(message))
         try:
             value = await self.execute(message, delivery)
             result = StepResult(run_id=message.run_id, index=message.index,
@@ -188,14 +192,19 @@ class StepWorker(Actor[WorkItem]):
         while len(self._recent) > self.recent_results:
             self._recent.popitem(last=False)
 
-    async def _heartbeat_owner(self, item: WorkItem) -> None:
+    async def _beat(self, item: WorkItem, flush: bool = False) -> None:
         assert self.bus is not None and item.result_to
+        with contextlib.suppress(NatsClientError, TimeoutError):
+            await self.bus.nc.publish(item.result_to, b"",
+                                      headers={H_HEARTBEAT: f"{item.index}:{item.attempt}"})
+            if flush:
+                await self.bus.nc.flush(timeout=2)
+
+    async def _heartbeat_owner(self, item: WorkItem) -> None:
         every = float(item.meta["heartbeat_timeout"]) / 3
-        headers = {H_HEARTBEAT: f"{item.index}:{item.attempt}"}
-        while True:  # the first beat says "started", then one every third of the timeout
-            with contextlib.suppress(NatsClientError):
-                await self.bus.nc.publish(item.result_to, b"", headers=headers)
+        while True:
             await asyncio.sleep(every)
+            await self._beat(item)
 
     async def reply(self, item: WorkItem, result: StepResult) -> None:
         """Hand ``result`` to the run's owner; failing that, store it on the durable inbox."""
