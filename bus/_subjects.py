@@ -134,6 +134,26 @@ class Names:
     def tenant_reset(self, tenant: str = "*") -> str:
         return f"{self.prefix}.ctl.tenant.{self._id(tenant, 'tenant')}.reset"
 
+    # -- budget ------------------------------------------------------------------------
+    @property
+    def budget_api(self) -> str:
+        """Request/reply subject of the budget actor (reports, limits, kill, reset)."""
+        return f"{self.prefix}.budget.api"
+
+    def cost_event(self, tenant: str = "*") -> str:
+        """One settled LLM call's cost: ``nerve.events.cost.<tenant>`` (published by settle)."""
+        return f"{self.prefix}.events.cost.{self._id(tenant, 'tenant')}"
+
+    @property
+    def budget_trip_event(self) -> str:
+        """Runaway-breaker trips, with their evidence."""
+        return f"{self.prefix}.events.budget.trip"
+
+    @property
+    def budget_kill_event(self) -> str:
+        """Kill-switch changes (kills and resets), stored for audit."""
+        return f"{self.prefix}.events.budget.kill"
+
     # -- keys --------------------------------------------------------------------------
     @staticmethod
     def host_lease(host_id: str) -> str:
@@ -150,6 +170,16 @@ class Names:
     @staticmethod
     def budget_key(tenant: str) -> str:
         return f"tenant.{check_token('tenant', tenant)}"
+
+    @staticmethod
+    def budget_run_key(tenant: str, run_id: str) -> str:
+        """A run's own ledger (only when the tenant has per-run limits)."""
+        return f"run.{check_token('tenant', tenant)}.{check_token('run id', run_id)}"
+
+    @staticmethod
+    def budget_lease(name: str) -> str:
+        """Leader lease of a budget duty (``breaker``) in the leases bucket."""
+        return f"budget.{check_token('budget duty', name)}"
 
     @staticmethod
     def snapshot_name(sandbox_id: str, seq: int) -> str:

@@ -10,7 +10,7 @@ from nerve import NerveError, __version__
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from cli import _demo, _runs, _up, _worker
+    from cli import _budget, _demo, _runs, _up, _worker
 
     parser = argparse.ArgumentParser(
         prog="nerve", description="nerve: long-lived LLM agents as durable workflows on NATS.")
@@ -21,6 +21,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _up.register(sub)
     _worker.register(sub)
     _runs.register(sub)
+    _budget.register(sub)
     return parser
 
 

@@ -30,10 +30,11 @@ RoleRunner = Callable[[Bus, RoleOptions], Awaitable[None]]
 ROLES: dict[str, str] = {
     "orchestrator": "workflow._roles:run_orchestrator",
     "activity": "workflow._roles:run_activity_worker",
+    "budget": "budget_actor._role:run_budget",
 }
 
 # What `nerve up` starts by default, in start order.
-DEFAULT_UP_ROLES: list[str] = ["orchestrator", "activity"]
+DEFAULT_UP_ROLES: list[str] = ["orchestrator", "activity", "budget"]
 
 
 def load_role(role: str) -> RoleRunner:

@@ -27,6 +27,10 @@
     ├── BudgetError
     │   ├── BudgetExceeded          a reservation does not fit the tenant's limits
     │   ├── TenantKilled            the tenant's kill-switch is on
+    │   ├── RunHalted               the runaway breaker stopped this run
+    │   ├── UnknownTenant           no ledger for that tenant (and no default limits)
+    │   ├── UnknownModel            no price for that model in the price table
+    │   ├── ReservationNotFound     a malformed reservation id
     │   └── LedgerUnavailable       the ledger could not be reached (fail closed)
     ├── GatewayError
     │   ├── UpstreamError           the model provider failed (status, retryable)
@@ -206,6 +210,22 @@ class BudgetExceeded(BudgetError):
 
 class TenantKilled(BudgetError):
     """The tenant's kill-switch is on; nothing of theirs runs until it is reset."""
+
+
+class RunHalted(BudgetError):
+    """The runaway breaker stopped this run (cancelled, or paused for a human to resume)."""
+
+
+class UnknownTenant(BudgetError):
+    """The tenant has no ledger, and this operation does not create one."""
+
+
+class UnknownModel(BudgetError):
+    """The price table has no entry for the model; add one or configure a default price."""
+
+
+class ReservationNotFound(BudgetError):
+    """The reservation id is malformed or belongs to no ledger."""
 
 
 class LedgerUnavailable(BudgetError):
