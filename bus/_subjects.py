@@ -136,6 +136,11 @@ class Names:
         """Operational events (supervisor restarts, breaker trips, costs): ``nerve.events.*``."""
         return f"{self.prefix}.events.{kind}"
 
+    @property
+    def cost_events(self) -> str:
+        """One event per LLM call (run, tenant, model, tokens by kind, cache hit ratio)."""
+        return f"{self.prefix}.events.cost"
+
     def ctl(self, suffix: str = ">") -> str:
         return f"{self.prefix}.ctl.{suffix}"
 

@@ -10,7 +10,7 @@ from nerve import NerveError, __version__
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from cli import _budget, _demo, _runs, _up, _worker
+    from cli import _budget, _demo, _gateway, _runs, _up, _upstream, _worker
 
     parser = argparse.ArgumentParser(
         prog="nerve", description="nerve: long-lived LLM agents as durable workflows on NATS.")
@@ -22,6 +22,8 @@ def _build_parser() -> argparse.ArgumentParser:
     _worker.register(sub)
     _runs.register(sub)
     _budget.register(sub)
+    _upstream.register(sub)
+    _gateway.register(sub)
     return parser
 
 

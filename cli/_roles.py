@@ -31,10 +31,11 @@ ROLES: dict[str, str] = {
     "orchestrator": "workflow._roles:run_orchestrator",
     "activity": "workflow._roles:run_activity_worker",
     "budget": "budget_actor._role:run_budget",
+    "gateway": "gateway_actor._role:run_gateway",
 }
 
 # What `nerve up` starts by default, in start order.
-DEFAULT_UP_ROLES: list[str] = ["orchestrator", "activity", "budget"]
+DEFAULT_UP_ROLES: list[str] = ["orchestrator", "activity", "budget", "gateway"]
 
 
 def load_role(role: str) -> RoleRunner:
