@@ -1,0 +1,62 @@
+"""Shared pieces of the API tests: the engine (orchestrator + gateway), runs to wait for."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from bus import Bus
+from gateway_actor import GatewayActor, GatewayConfig
+from workflow import NerveClient, Orchestrator
+
+PRICED_MODEL = "claude-haiku-4-5"  # served by the scripted model, priced by the budget table
+
+
+@asynccontextmanager
+async def engine(bus: Bus, *, token_delay: float = 0.0, ident: str = "o-api",
+                 ) -> AsyncIterator[NerveClient]:
+    """The real orchestrator (built-in ``agent`` workflow) and the real gateway actor over
+    the scripted model, in this process."""
+    orch = Orchestrator(bus, ident)
+    gateway = GatewayActor(GatewayConfig.scripted(token_delay=token_delay),
+                           worker_id=f"{ident}-gw")
+    await orch.start()
+    await gateway.start(bus)
+    try:
+        yield NerveClient(bus)
+    finally:
+        await gateway.stop()
+        await orch.stop()
+
+
+def long_task(words: int, salt: str = "") -> str:
+    """A task the scripted model answers with ``words`` words of deterministic text."""
+    return f"[scripted:long {words}] {salt}".strip()
+
+
+async def submit_approval_run(client: NerveClient, tenant: str, *, timeout: float = 600.0,
+                              task: str = "compute 6 * 7") -> str:
+    """An agent run whose one tool (``run``) needs a human's approval."""
+    return await client.submit(tenant, task, tools=["run"], model=PRICED_MODEL,
+                               input={"requires_approval": ["run"],
+                                      "approval_timeout": timeout})
+
+
+async def wait_status(client: NerveClient, run_id: str, *statuses: str,
+                      timeout: float = 30.0) -> Any:
+    return await client.wait(run_id, timeout=timeout, statuses=statuses or (
+        "completed", "failed", "cancelled"))
+
+
+async def eventually(predicate: Any, timeout: float = 20.0, every: float = 0.05) -> Any:
+    """Poll ``predicate`` (sync or async) until it returns something truthy."""
+    async with asyncio.timeout(timeout):
+        while True:
+            value = predicate()
+            if asyncio.iscoroutine(value):
+                value = await value
+            if value:
+                return value
+            await asyncio.sleep(every)
