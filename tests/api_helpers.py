@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+from budget_actor import Ledger
 from bus import Bus
 from gateway_actor import GatewayActor, GatewayConfig
 from workflow import NerveClient, Orchestrator
@@ -18,10 +19,12 @@ PRICED_MODEL = "claude-haiku-4-5"  # served by the scripted model, priced by the
 async def engine(bus: Bus, *, token_delay: float = 0.0, ident: str = "o-api",
                  ) -> AsyncIterator[NerveClient]:
     """The real orchestrator (built-in ``agent`` workflow) and the real gateway actor over
-    the scripted model, in this process."""
-    orch = Orchestrator(bus, ident)
-    gateway = GatewayActor(GatewayConfig.scripted(token_delay=token_delay),
-                           worker_id=f"{ident}-gw")
+    the scripted model, in this process, both wired to the budget's ledger."""
+    ledger = Ledger(bus)
+    orch = Orchestrator(bus, ident, spawn_guard=ledger)
+    config = GatewayConfig.scripted(token_delay=token_delay)
+    config.default_model = PRICED_MODEL  # the budget refuses models it has no price for
+    gateway = GatewayActor(config, ledger=ledger, worker_id=f"{ident}-gw")
     await orch.start()
     await gateway.start(bus)
     try:
@@ -29,6 +32,7 @@ async def engine(bus: Bus, *, token_delay: float = 0.0, ident: str = "o-api",
     finally:
         await gateway.stop()
         await orch.stop()
+        await ledger.close()
 
 
 def long_task(words: int, salt: str = "") -> str:
