@@ -28,6 +28,7 @@ from nats.js.errors import NotFoundError
 
 from api._projections import Record
 from api._readmodel import ReadModel
+from api._tasks import stop_task
 from bus import Bus
 from nerve._errors import CodecError, NerveError, ReadModelError
 from persistence import decode_record, direct_get_subject
@@ -77,10 +78,7 @@ class Projector:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_task(task)
         await self._unsubscribe()
 
     @property

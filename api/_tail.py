@@ -37,6 +37,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from actors import decode
+from api._tasks import stop_task
 from bus import Bus
 from nerve._errors import CodecError, HistoryError, Overloaded
 from persistence import StreamEvent
@@ -274,10 +275,7 @@ class Tails:
                 await tail.restart(tail.generation)
 
     async def close(self) -> None:
-        if self._reaper is not None:
-            self._reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
+        await stop_task(self._reaper)
         for tail in list(self._tails.values()):
             await tail.close()
         self._tails.clear()

@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from api import ApiClient, ApiConfig, ApiKeys, ApiServer
 from budget_actor import Ledger
 from bus import Bus
 from gateway_actor import GatewayActor, GatewayConfig
@@ -64,3 +67,38 @@ async def eventually(predicate: Any, timeout: float = 20.0, every: float = 0.05)
             if value:
                 return value
             await asyncio.sleep(every)
+
+
+ADMIN = "admin-key-for-tests-0123456789abcdef"
+
+
+@dataclass
+class Api:
+    server: ApiServer
+    nerve: NerveClient
+    acme: ApiClient
+    globex: ApiClient
+    admin: ApiClient
+    keys: ApiKeys
+
+
+@asynccontextmanager
+async def api_stack(bus: Bus, tmp_path: Path, **config: Any) -> AsyncIterator[Api]:
+    """The engine, an API server in this process, and clients for two tenants and admin."""
+    async with engine(bus, token_delay=0.002) as nerve:
+        settings: dict[str, Any] = {"db_path": tmp_path / "rm.db", "admin_keys": [ADMIN],
+                                    "heartbeat": 0.5, "instance": "t", **config}
+        server = ApiServer(bus, ApiConfig(**settings))
+        await server.start()
+        keys = ApiKeys(bus)
+        acme_key, _ = await keys.create("acme", name="tests")
+        globex_key, _ = await keys.create("globex")
+        clients = [ApiClient(server.url, k) for k in (acme_key, globex_key, ADMIN)]
+        try:
+            yield Api(server, nerve, *clients, keys)
+        finally:
+            for c in clients:
+                await c.close()
+            await server.stop()
+
+

@@ -4,50 +4,23 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from api import ApiClient, ApiConfig, ApiKeys, ApiServer, SseEvent
+from api import SseEvent
 from bus import Bus
 from gateway_actor._script import _long_text
 from nerve import Conflict, InvalidRequest, PermissionDenied
-from tests.api_helpers import PRICED_MODEL, engine, eventually, long_task
-from workflow import NerveClient
+from tests.api_helpers import PRICED_MODEL, Api, api_stack, eventually, long_task
 
 pytestmark = pytest.mark.timeout(90)
-
-ADMIN = "admin-key-for-tests-0123456789abcdef"
-
-
-@dataclass
-class Api:
-    server: ApiServer
-    nerve: NerveClient
-    acme: ApiClient
-    globex: ApiClient
-    admin: ApiClient
-    keys: ApiKeys
 
 
 @pytest.fixture
 async def api(bus: Bus, tmp_path: Path) -> AsyncIterator[Api]:
-    async with engine(bus, token_delay=0.002) as nerve:
-        server = ApiServer(bus, ApiConfig(db_path=tmp_path / "rm.db", admin_keys=[ADMIN],
-                                          heartbeat=0.5, instance="t"))
-        await server.start()
-        keys = ApiKeys(bus)
-        acme_key, _ = await keys.create("acme", name="tests")
-        globex_key, _ = await keys.create("globex")
-        clients = [ApiClient(server.url, k) for k in (acme_key, globex_key, ADMIN)]
-        try:
-            yield Api(server, nerve, *clients, keys)
-        finally:
-            for c in clients:
-                await c.close()
-            await server.stop()
-
+    async with api_stack(bus, tmp_path) as stack:
+        yield stack
 
 def text_of(events: list[SseEvent]) -> dict[int, str]:
     """Each model step's text, assembled from token events by their offsets."""
