@@ -23,7 +23,9 @@ import secrets
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
+from nats.errors import Error as NatsClientError
 from nats.js.errors import KeyNotFoundError, NotFoundError
 
 from bus import Bus, check_token
@@ -78,8 +80,9 @@ class ApiKeys:
     """Create, list, revoke and check API keys (see the module docstring).
 
     ``cache_ttl`` seconds: how long a checked key is trusted without another look at the
-    bucket; a key revoked in another process stops working within that time (a revocation
-    through this instance takes effect at once).
+    bucket. With :meth:`watch` running (the server runs it), every change to a key record
+    (a revocation in another process) drops that key from the cache as it happens; the TTL
+    only bounds staleness when such a notice is lost (a reconnect also clears the cache).
     """
 
     def __init__(self, bus: Bus, admin_keys: list[str] | tuple[str, ...] = (), *,
@@ -92,6 +95,29 @@ class ApiKeys:
         self._admin = [digest(k) for k in admin_keys]
         self.cache_ttl = cache_ttl
         self._cache: dict[str, tuple[float, Principal]] = {}
+        self._watch: Any = None
+
+    async def watch(self) -> None:
+        """Follow changes to key records (core NATS, on the bucket's subjects)."""
+        if self._watch is not None:
+            return
+        subject = f"$KV.{self.bus.names.apikeys_bucket}.key.*"
+
+        async def changed(msg: Any) -> None:
+            key_id = msg.subject.rsplit(".", 1)[-1]
+            self._cache = {d: p for d, p in self._cache.items() if p[1].key_id != key_id}
+
+        async def reconnected() -> None:
+            self._cache.clear()
+
+        self._watch = await self.bus.nc.subscribe(subject, cb=changed)
+        self.bus.on_reconnect(reconnected)
+
+    async def close(self) -> None:
+        sub, self._watch = self._watch, None
+        if sub is not None:
+            with contextlib.suppress(NatsClientError):
+                await sub.unsubscribe()
 
     async def _kv(self):
         return await self.bus.kv(self.bus.names.apikeys_bucket)

@@ -115,6 +115,7 @@ class ApiServer:
         self._describe_metrics(services)
         try:
             projector.start()
+            await keys.watch()
             self.bus.on_reconnect(tails.restart_all)
             self._runner = web.AppRunner(self.build_app(services), access_log=None,
                                          handler_cancellation=False, shutdown_timeout=2.0)
@@ -156,7 +157,7 @@ class ApiServer:
             steps.append(self._runner.cleanup)
         if svc is not None:
             steps += [svc.tails.close, lambda: svc.projector.stop(), svc.model.close,
-                      svc.close]
+                      svc.keys.close, svc.close]
         for step in steps:
             try:
                 await step()

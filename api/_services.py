@@ -25,6 +25,12 @@ from persistence import RunHistory, RunStarted
 from workflow import NerveClient
 
 
+def not_found(run_id: str) -> RunNotFound:
+    """The one answer about a run this key may not see: the same whether it exists or not."""
+    return RunNotFound(f"no run {run_id}: check the id (GET /v1/runs lists your runs; a run "
+                       "submitted a moment ago may take a moment to appear)", run_id=run_id)
+
+
 @dataclass(slots=True)
 class RunState:
     """One run folded from its history, exactly as the read model would store it."""
@@ -90,10 +96,10 @@ class Services:
         try:
             check_token("run id", run_id)
         except ConfigError:
-            raise RunNotFound(f"no run {run_id[:128]}", run_id=run_id[:128]) from None
+            raise not_found(run_id[:128]) from None
         tenant = await self.run_tenant(run_id)
         if tenant is None or not p.may_act_for(tenant):
-            raise RunNotFound(f"no run {run_id}", run_id=run_id)
+            raise not_found(run_id)
         return tenant
 
     async def state(self, run_id: str) -> RunState:
@@ -104,7 +110,7 @@ class Services:
             records.append(Record(seq, run_id, evs))
             events.extend((seq, e) for e in evs)
         if not records or not isinstance(records[0].events[0], RunStarted):
-            raise RunNotFound(f"no run {run_id}", run_id=run_id)
+            raise not_found(run_id)
         batch = Batch()
         positions: dict[str, int] = {}
         for rec in records:
@@ -168,4 +174,4 @@ class Services:
                     fut.cancel()
 
 
-__all__ = ["RunState", "Services"]
+__all__ = ["RunState", "Services", "not_found"]
