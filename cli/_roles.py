@@ -32,10 +32,11 @@ ROLES: dict[str, str] = {
     "activity": "workflow._roles:run_activity_worker",
     "budget": "budget_actor._role:run_budget",
     "gateway": "gateway_actor._role:run_gateway",
+    "api": "api._role:run_api",
 }
 
 # What `nerve up` starts by default, in start order.
-DEFAULT_UP_ROLES: list[str] = ["orchestrator", "activity", "budget", "gateway"]
+DEFAULT_UP_ROLES: list[str] = ["orchestrator", "activity", "budget", "gateway", "api"]
 
 
 def load_role(role: str) -> RoleRunner:
