@@ -153,11 +153,13 @@ class ApiServer:
         errors: list[BaseException] = []
         svc = self.services
         steps: list[Any] = []
+        if svc is not None:
+            svc.stopping.set()
+            steps.append(svc.tails.close)  # wakes every stream, which then ends
         if self._runner is not None:
             steps.append(self._runner.cleanup)
         if svc is not None:
-            steps += [svc.tails.close, lambda: svc.projector.stop(), svc.model.close,
-                      svc.keys.close, svc.close]
+            steps += [lambda: svc.projector.stop(), svc.model.close, svc.keys.close, svc.close]
         for step in steps:
             try:
                 await step()

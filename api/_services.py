@@ -64,6 +64,9 @@ class Services:
     streams: int = 0
     streams_by_tenant: dict[str, int] = field(default_factory=dict)
     reindex_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Set when the server stops: open streams end at once (without `end`), and their
+    # clients reconnect, with their last id, to whichever server answers next.
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
     _ledger: Any = None
 
     @property

@@ -128,7 +128,7 @@ class _Stream:
         poll = min(heartbeat, 5.0)
         next_end_check = 0.0
         ended_at: float | None = None
-        while True:
+        while not svc.stopping.is_set():
             frames = await self.next_frames()
             if frames:
                 await self.send(frames)
@@ -173,6 +173,9 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
     tenant = await svc.resolve(p, run_id)
     position = _position(request)
     follow = request.query.get("follow", "1").lower() not in ("0", "false", "no")
+    if svc.stopping.is_set():
+        raise Overloaded("this API process is shutting down; reconnect (to another replica, "
+                         "or to this one once it is back)", retry_after_ms=500)
     if svc.streams >= svc.config.max_streams:
         raise Overloaded(f"this API process serves {svc.streams} streams already; retry "
                          "shortly (or use another replica)", retry_after_ms=2000)

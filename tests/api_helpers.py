@@ -83,9 +83,13 @@ class Api:
 
 
 @asynccontextmanager
-async def api_stack(bus: Bus, tmp_path: Path, **config: Any) -> AsyncIterator[Api]:
-    """The engine, an API server in this process, and clients for two tenants and admin."""
-    async with engine(bus, token_delay=0.002) as nerve:
+async def api_stack(bus: Bus, tmp_path: Path, *, token_delay: float = 0.002,
+                    **config: Any) -> AsyncIterator[Api]:
+    """The engine, an API server in this process, and clients for two tenants and admin.
+
+    A test may replace ``stack.server`` (a restart); the one there at the end is stopped.
+    """
+    async with engine(bus, token_delay=token_delay) as nerve:
         settings: dict[str, Any] = {"db_path": tmp_path / "rm.db", "admin_keys": [ADMIN],
                                     "heartbeat": 0.5, "instance": "t", **config}
         server = ApiServer(bus, ApiConfig(**settings))
@@ -94,11 +98,12 @@ async def api_stack(bus: Bus, tmp_path: Path, **config: Any) -> AsyncIterator[Ap
         acme_key, _ = await keys.create("acme", name="tests")
         globex_key, _ = await keys.create("globex")
         clients = [ApiClient(server.url, k) for k in (acme_key, globex_key, ADMIN)]
+        stack = Api(server, nerve, *clients, keys)
         try:
-            yield Api(server, nerve, *clients, keys)
+            yield stack
         finally:
             for c in clients:
                 await c.close()
-            await server.stop()
+            await stack.server.stop()
 
 

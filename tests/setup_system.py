@@ -12,7 +12,10 @@ import subprocess
 import sys
 
 # (command that proves it is installed, Debian packages that provide it, who needs it)
-REQUIREMENTS: list[tuple[str, list[str], str]] = []
+REQUIREMENTS: list[tuple[str, list[str], str]] = [
+    ("chromium", ["chromium", "chromium-driver"], "the web console tests drive headless Chromium"),
+    ("chromedriver", ["chromium", "chromium-driver"], "the web console tests use chromedriver"),
+]
 
 
 def main() -> int:
