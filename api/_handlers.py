@@ -23,6 +23,8 @@ from api._http import (
     describe,
     json_response,
     principal,
+    query_bool,
+    query_choice,
     query_int,
     read_body,
     require_admin,
@@ -75,6 +77,16 @@ def _tenant_of_request(p: Any, asked: str | None) -> str:
     return p.tenant
 
 
+def _query_tenant(request: web.Request) -> str | None:
+    tenant = request.query.get("tenant")
+    if tenant is not None:
+        try:
+            check_token("tenant", tenant)
+        except ConfigError as exc:
+            raise InvalidRequest(f"?tenant=: {exc.message}", field="tenant") from None
+    return tenant
+
+
 def _check_tenant_path(tenant: str) -> None:
     try:
         check_token("tenant", tenant)
@@ -122,18 +134,18 @@ async def list_runs(request: web.Request) -> web.Response:
     svc = _svc(request)
     p = principal(request)
     q = request.query
-    tenant = q.get("tenant") or None
+    tenant = _query_tenant(request)
     if not p.admin:
         if tenant and tenant != p.tenant:
             raise PermissionDenied(f"this key belongs to tenant {p.tenant}; it cannot list "
                                    f"tenant {tenant}'s runs")
         tenant = p.tenant
-    status = q.get("status") or None
-    if status is not None and status not in RUN_STATUSES:
-        raise InvalidRequest(f"?status= must be one of {', '.join(RUN_STATUSES)}; got "
-                             f"{status[:40]!r}", field="status")
+    status = query_choice(request, "status", RUN_STATUSES)
     workflow = q.get("workflow") or None
-    search = (q.get("q") or "")[:200] or None
+    search = q.get("q") or None
+    if search is not None and len(search) > 200:
+        raise InvalidRequest(f"?q= is {len(search)} characters; search with at most 200",
+                             field="q")
     limit = query_int(request, "limit", 50, 1, 500)
     runs, cursor = await svc.model.list_runs(tenant=tenant, status=status, workflow=workflow,
                                              q=search, limit=limit, cursor=q.get("cursor"))
@@ -149,7 +161,7 @@ async def get_run(request: web.Request) -> web.Response:
     await svc.resolve(principal(request), run_id)
     state = await svc.state(run_id)
     out: dict[str, Any] = {"run": state.run, "approvals": state.approvals}
-    if request.query.get("steps", "0").lower() in ("1", "true", "yes"):
+    if query_bool(request, "steps", False):
         out["steps"] = state.steps
     return json_response(out)
 
@@ -261,16 +273,14 @@ async def fork_run(request: web.Request) -> web.Response:
 async def list_approvals(request: web.Request) -> web.Response:
     svc = _svc(request)
     p = principal(request)
-    tenant = request.query.get("tenant") or None
+    tenant = _query_tenant(request)
     if not p.admin:
         if tenant and tenant != p.tenant:
             raise PermissionDenied(f"this key belongs to tenant {p.tenant}; it cannot see "
                                    f"tenant {tenant}'s approvals")
         tenant = p.tenant
-    status = request.query.get("status", "pending")
     allowed = ("pending", "approved", "rejected", "timed_out", "expired", "any")
-    if status not in allowed:
-        raise InvalidRequest(f"?status= must be one of {', '.join(allowed)}", field="status")
+    status = query_choice(request, "status", allowed, "pending")
     rows = await svc.model.approvals(tenant=tenant, status=None if status == "any" else status,
                                      limit=query_int(request, "limit", 200, 1, 1000))
     return json_response({"approvals": rows})

@@ -161,6 +161,29 @@ def query_int(request: web.Request, name: str, default: int, lo: int, hi: int) -
     return value
 
 
+def query_bool(request: web.Request, name: str, default: bool) -> bool:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    value = raw.lower()
+    if value in ("1", "true", "yes"):
+        return True
+    if value in ("0", "false", "no"):
+        return False
+    raise InvalidRequest(f"?{name}= must be true or false, got {raw[:40]!r}", field=name)
+
+
+def query_choice(request: web.Request, name: str, choices: tuple[str, ...],
+                 default: str | None = None) -> str | None:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    if raw not in choices:
+        raise InvalidRequest(f"?{name}= must be one of {', '.join(choices)}; got {raw[:40]!r}",
+                             field=name)
+    return raw
+
+
 def make_error_middleware(on_request: Any = None) -> Any:
     """Turns every failure into the JSON error shape, stamps request ids, counts requests."""
 
@@ -228,6 +251,8 @@ __all__ = [
     "json_response",
     "make_error_middleware",
     "principal",
+    "query_bool",
+    "query_choice",
     "query_int",
     "read_body",
     "require_admin",

@@ -19,6 +19,11 @@ class _Body(BaseModel):
 class SubmitRun(_Body):
     """Start a run. ``task`` (text) or ``input`` (an object for the workflow) is required."""
 
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"anyOf": [
+        {"required": ["task"], "properties": {"task": {"type": "string"}}},
+        {"required": ["input"], "properties": {"input": {"type": "object"}}},
+    ]})
+
     task: str | None = Field(default=None, max_length=200_000,
                              description="what the agent should do")
     input: dict[str, Any] | None = Field(default=None, description="the workflow's input")
@@ -34,8 +39,8 @@ class SubmitRun(_Body):
     tenant: str | None = Field(default=None, pattern=_ID,
                                description="only for admin keys; a tenant key's tenant is "
                                            "implied")
-    wait: bool = Field(default=True, description="wait (briefly) until the run has started "
-                                                 "or was rejected")
+    wait: StrictBool = Field(default=True, description="wait (briefly) until the run has "
+                                                       "started or was rejected")
 
 
 class SignalBody(_Body):
@@ -62,7 +67,7 @@ class ForkBody(_Body):
 
     at: int = Field(ge=1, description="how many of the parent's history events to keep")
     run_id: str | None = Field(default=None, pattern=_ID)
-    wait: bool = True
+    wait: StrictBool = True
 
 
 class BudgetUpdate(_Body):
@@ -70,7 +75,7 @@ class BudgetUpdate(_Body):
     clears one); with ``replace`` the limits are replaced whole."""
 
     limits: dict[str, Any]
-    replace: bool = False
+    replace: StrictBool = False
 
 
 class KillBody(_Body):
@@ -78,7 +83,7 @@ class KillBody(_Body):
 
     reason: str = Field(default="killed from the API", max_length=2000)
     policy: Literal["kill", "pause"] = "kill"
-    reset: bool = False
+    reset: StrictBool = False
 
 
 class ErrorDetail(BaseModel):

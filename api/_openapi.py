@@ -14,7 +14,10 @@ from nerve import __version__
 
 REF = "#/components/schemas/{model}"
 _ERRORS = {400: "bad request (invalid JSON)", 401: "no valid API key",
-           413: "body too large", 422: "invalid request"}
+           403: "not an admin key", 404: "no such run",
+           413: "body too large", 422: "invalid request",
+           503: "unavailable for now (NATS, the read model, or too many streams); see "
+                "retry_after_ms"}
 
 
 def _schemas(models: set[type[BaseModel]]) -> dict[str, Any]:
@@ -60,12 +63,20 @@ def _operation(route: Route, models: set[type[BaseModel]]) -> dict[str, Any]:
         if isinstance(kind, type):
             models.add(kind)
         responses[str(status)] = {"description": text, "content": _content(kind)}
+    implied: list[int] = []
     if route.auth != "none":
-        responses.setdefault("401", {"description": _ERRORS[401], "content": _content(None)})
+        implied += [401, 503]
+    if route.auth == "admin":
+        implied.append(403)
+    if route.params or route.body is not None:
+        implied.append(422)
+    if any(p.name == "run_id" and p.where == "path" for p in route.params):
+        implied.append(404)
     if route.body is not None:
-        for status in (400, 413, 422):
-            responses.setdefault(str(status), {"description": _ERRORS[status],
-                                               "content": _content(None)})
+        implied += [400, 413]
+    for status in implied:
+        responses.setdefault(str(status), {"description": _ERRORS[status],
+                                           "content": _content(None)})
     op["responses"] = responses
     return op
 

@@ -357,7 +357,7 @@ class ReadModel:
             where.append("(run_id LIKE ? ESCAPE '\\' OR task LIKE ? ESCAPE '\\')")
             like = "%" + q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
             params += [like, like]
-        if cursor:
+        if cursor is not None:
             created_at, run_id = decode_cursor(cursor)
             where.append("(created_at, run_id) < (?, ?)")
             params += [created_at, run_id]

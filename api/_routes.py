@@ -46,9 +46,9 @@ class Route:
     description: str = ""
 
 
-RUN_ID = Param("run_id", "path", "the run's id", required=True)
-TENANT = Param("tenant", "path", "the tenant", required=True)
 _ID_SCHEMA = {"type": "string", "pattern": r"^[A-Za-z0-9_\-]{1,128}$"}
+RUN_ID = Param("run_id", "path", "the run's id", _ID_SCHEMA, required=True)
+TENANT = Param("tenant", "path", "the tenant", _ID_SCHEMA, required=True)
 
 ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/runs", h.submit_run, "submitRun", "Start a run", "runs",
@@ -56,21 +56,25 @@ ROUTES: tuple[Route, ...] = (
           responses={201: (m.Submitted, "the run started"),
                      202: (m.Submitted, "queued: it did not start within submit_wait"),
                      200: (m.Submitted, "a run with this run_id exists already (idempotent)"),
+                     403: (None, "a run for another tenant"),
                      409: (None, "run_id is taken"), 422: (None, "invalid or rejected task")},
           description="Publishes the task on `nerve.tasks.<tenant>` and waits briefly for "
                       "the orchestrator to start the run, so a rejected task is a 422 with "
                       "the orchestrator's reason."),
     Route("GET", "/v1/runs", h.list_runs, "listRuns", "List runs (newest first)", "runs",
           params=(Param("tenant", "query", "only this tenant (admin keys; a tenant key sees "
-                                           "its own)"),
+                                           "its own)", _ID_SCHEMA),
                   Param("status", "query", "only runs in this status",
                         {"type": "string", "enum": list(m.RUN_STATUSES)}),
                   Param("workflow", "query", "only runs of this workflow"),
-                  Param("q", "query", "search run ids and task text"),
+                  Param("q", "query", "search run ids and task text",
+                        {"type": "string", "maxLength": 200}),
                   Param("limit", "query", "page size",
                         {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}),
-                  Param("cursor", "query", "next_cursor of the previous page")),
-          responses={200: (m.RunList, "a page of runs from the read model")}),
+                  Param("cursor", "query", "next_cursor of the previous page",
+                        {"type": "string", "pattern": r"^[A-Za-z0-9_\-]{1,1024}$"})),
+          responses={200: (m.RunList, "a page of runs from the read model"),
+                     403: (None, "another tenant's runs")}),
     Route("GET", "/v1/runs/{run_id}", h.get_run, "getRun", "One run, fresh from its history",
           "runs", params=(RUN_ID, Param("steps", "query", "include the steps",
                                         {"type": "boolean"})),
@@ -79,7 +83,8 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/runs/{run_id}/history", h.get_history, "getHistory",
           "The run's history events", "runs",
           params=(RUN_ID,
-                  Param("offset", "query", "first event", {"type": "integer", "minimum": 0}),
+                  Param("offset", "query", "first event",
+                        {"type": "integer", "minimum": 0, "maximum": 10**9}),
                   Param("limit", "query", "events", {"type": "integer", "minimum": 1,
                                                      "maximum": 10000})),
           responses={200: (m.History, "events with their index and stream sequence"),
@@ -116,15 +121,18 @@ ROUTES: tuple[Route, ...] = (
           "Fork a run at a history index", "runs", body=m.ForkBody, params=(RUN_ID,),
           responses={201: (m.Submitted, "the fork started"),
                      202: (m.Submitted, "queued"), 404: (None, "no such run"),
+                     409: (None, "the new run id is taken"),
                      422: (None, "invalid fork point")}),
     Route("GET", "/v1/approvals", h.list_approvals, "listApprovals",
           "Approvals (pending by default)", "runs",
-          params=(Param("tenant", "query", "admin keys: only this tenant"),
-                  Param("status", "query", "pending (default), approved, rejected, "
-                                           "timed_out, expired or any"),
+          params=(Param("tenant", "query", "admin keys: only this tenant", _ID_SCHEMA),
+                  Param("status", "query", "which approvals (default pending)", {
+                      "type": "string", "enum": ["pending", "approved", "rejected",
+                                                 "timed_out", "expired", "any"]}),
                   Param("limit", "query", "at most", {"type": "integer", "minimum": 1,
                                                       "maximum": 1000})),
-          responses={200: (m.ApprovalList, "approvals from the read model")}),
+          responses={200: (m.ApprovalList, "approvals from the read model"),
+                     403: (None, "another tenant's approvals")}),
     Route("GET", "/v1/tenants/{tenant}/budget", h.get_budget, "getBudget",
           "A tenant's budget and spend", "tenants", params=(TENANT,),
           responses={200: (m.BudgetView, "budget report and recorded spend"),

@@ -28,7 +28,7 @@ from nats.errors import Error as NatsClientError
 from nats.js.errors import NotFoundError
 
 from api._appkeys import SERVICES
-from api._http import principal
+from api._http import principal, query_bool
 from api._services import Services
 from api._tail import TERMINAL_STATUSES, Frame, RunTail, direct_batch
 from nerve._errors import HistoryError, InvalidRequest, Overloaded
@@ -172,7 +172,7 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
     run_id = request.match_info["run_id"]
     tenant = await svc.resolve(p, run_id)
     position = _position(request)
-    follow = request.query.get("follow", "1").lower() not in ("0", "false", "no")
+    follow = query_bool(request, "follow", True)
     if svc.stopping.is_set():
         raise Overloaded("this API process is shutting down; reconnect (to another replica, "
                          "or to this one once it is back)", retry_after_ms=500)
