@@ -173,6 +173,12 @@ class Batch:
     changed_approvals: set[tuple[str, int]] = field(default_factory=set)
     changed_tool_uses: set[tuple[str, str]] = field(default_factory=set)
     changed_spend: set[str] = field(default_factory=set)
+    approvals_by_run: dict[str, set[tuple[str, int]]] = field(default_factory=dict)
+
+    def add_approval(self, row: ApprovalRow) -> None:
+        key = (row.run_id, row.idx)
+        self.approvals[key] = row
+        self.approvals_by_run.setdefault(row.run_id, set()).add(key)
 
 
 @dataclass(slots=True)
@@ -383,10 +389,10 @@ def _fold_approval(batch: Batch, run_id: str, ev: Event) -> None:
         if not digest and ev.name != "approval":
             return  # a plain signal wait, not an approval
         use = batch.tool_uses.get((run_id, str(digest))) if digest else None
-        batch.approvals[(run_id, ev.index)] = ApprovalRow(
+        batch.add_approval(ApprovalRow(
             run_id, ev.index, ev.name, str(digest) if digest else None, ev.at,
             tool=use.tool if use else None, args=use.args if use else None,
-            deadline=ev.deadline)
+            deadline=ev.deadline))
         batch.changed_approvals.add((run_id, ev.index))
         return
     if isinstance(ev, SignalReceived | SignalTimedOut):
@@ -406,8 +412,9 @@ def _fold_approval(batch: Batch, run_id: str, ev: Event) -> None:
         batch.changed_approvals.add((run_id, row.idx))
         return
     if ev.type in ("run_completed", "run_failed", "run_cancelled"):
-        for key, row in batch.approvals.items():
-            if key[0] == run_id and row.status == "pending":
+        for key in sorted(batch.approvals_by_run.get(run_id, ())):
+            row = batch.approvals[key]
+            if row.status == "pending":
                 row.status, row.decided_at = "expired", ev.at
                 batch.changed_approvals.add(key)
 
