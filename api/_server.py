@@ -136,6 +136,8 @@ class ApiServer:
         m.describe("nerve_api_request_seconds", "histogram", "HTTP request latency")
         m.describe("nerve_api_sse_events_total", "counter", "events sent to SSE clients")
         m.describe("nerve_api_sse_resumes_total", "counter", "SSE streams resumed after an id")
+        m.describe("nerve_api_sse_stream_reads_total", "counter",
+                   "batches read from the stream by clients behind the live ring")
         m.gauge_fn("nerve_api_sse_streams", lambda: svc.streams)
         m.gauge_fn("nerve_api_tails", lambda: len(svc.tails))
         m.gauge_fn("nerve_api_tail_events_total", lambda: svc.tails.events_in)

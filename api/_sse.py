@@ -104,6 +104,7 @@ class _Stream:
         if frames is not None:
             return frames
         frames = await direct_batch(self.svc.bus, self.subject, self.position, BATCH)
+        self.svc.metrics.inc("nerve_api_sse_stream_reads_total")
         if not frames:
             # Nothing stored between our position and the ring: catch up to its base.
             self.position = max(self.position, self.tail.base - 1)

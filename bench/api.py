@@ -164,8 +164,8 @@ async def token_latency(bus, url: str, key: str, n: int) -> dict[str, float]:
 
 
 async def fan_out(bus, url: str, key: str, runs: int, clients: int, events: int,
-                  ) -> dict[str, float]:
-    ids = await start_runs(bus, "fan", runs, "fan")
+                  tag: str = "fanout") -> dict[str, float]:
+    ids = await start_runs(bus, "fan", runs, tag)
     async with aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0)) as http:
         readers = [SseReader(http, f"{url}/v1/runs/{r}/events", key)
@@ -193,7 +193,7 @@ async def fan_out(bus, url: str, key: str, runs: int, clients: int, events: int,
             rd.task.cancel()
         await asyncio.gather(*(rd.task for rd in readers if rd.task), return_exceptions=True)
     # Baseline: the same number of events stored with nobody watching.
-    quiet = await start_runs(bus, "fan", runs, "quiet")
+    quiet = await start_runs(bus, "fan", runs, f"{tag}-quiet")
     t1 = time.perf_counter()
 
     async def publish_quiet(run_id: str) -> None:
@@ -203,11 +203,11 @@ async def fan_out(bus, url: str, key: str, runs: int, clients: int, events: int,
 
     await asyncio.gather(*(publish_quiet(r) for r in quiet))
     alone = time.perf_counter() - t1
-    return {"fanout_streams": runs * clients, "fanout_runs": runs,
-            "fanout_delivered_events_per_s": round(expected / elapsed),
-            "fanout_published_events_per_s": round(runs * events / stored),
-            "baseline_publish_alone_events_per_s": round(runs * events / alone),
-            "fanout_seconds": round(elapsed, 2)}
+    return {f"{tag}_streams": runs * clients, f"{tag}_runs": runs,
+            f"{tag}_delivered_events_per_s": round(expected / elapsed),
+            f"{tag}_published_events_per_s": round(runs * events / stored),
+            f"{tag}_baseline_publish_alone_events_per_s": round(runs * events / alone),
+            f"{tag}_seconds": round(elapsed, 2)}
 
 
 def synthetic_records(n: int, tenants: int) -> list[Record]:
@@ -308,6 +308,10 @@ async def main() -> None:
             figures.update(await token_latency(bus, api.url, key, 200 if quick else 1000))
             runs, clients, events = (10, 10, 50) if quick else (50, 10, 100)
             figures.update(await fan_out(bus, api.url, fan_key, runs, clients, events))
+            # Many clients on few runs: one push per event per process, rendered once.
+            runs, clients, events = (4, 50, 50) if quick else (10, 100, 100)
+            figures.update(await fan_out(bus, api.url, fan_key, runs, clients, events,
+                                         tag="fanout_wide"))
         figures.update(await list_latency(bus, server.url, "benchapi",
                                           20_000 if quick else 100_000, 50 if quick else 200))
     report("API: token latency, fan-out, list latency", figures, args.json)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,8 +16,9 @@ import pytest
 from api import ApiClient
 from bus import Bus, EmbeddedNats
 from cli import main
+from cli._api import api_reachable
 from gateway_actor._script import _long_text
-from tests.api_helpers import ADMIN, Api, api_stack, long_task
+from tests.api_helpers import ADMIN, Api, api_stack, eventually, long_task
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -93,3 +95,50 @@ async def test_apikey_logs_runs_and_reindex_from_the_command_line(
     assert code == 2 and "admin" in err
     code, _, _ = await nerve("apikey", "revoke", created["id"], *target)
     assert code == 0
+
+
+async def test_nerve_up_serves_the_api_and_brings_it_back_on_the_same_url(
+        tmp_path: Path) -> None:
+    data = tmp_path / "up"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cli", "up", "--data-dir", str(data), "--roles", "api",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    try:
+        state_file = data / "nerve.json"
+        state = await eventually(lambda: _state(state_file), timeout=60)
+        url = state["http_url"]
+        # The role answers `nerve up`'s ping as its process starts; the listener follows.
+        await eventually(lambda: api_reachable(url), timeout=60, every=0.1)
+        admin = (data / "admin.key").read_text().strip()
+        assert oct((data / "admin.key").stat().st_mode & 0o777) == "0o600"
+        client = ApiClient(url, admin)
+        try:
+            assert (await client.request("GET", "/v1/whoami"))["admin"] is True
+            async with client.session.get(url + "/") as resp:
+                assert resp.status == 200 and "nerve console" in await resp.text()
+            # SIGKILL the api process: the supervisor restarts it, on the same URL.
+            pid = state["roles"]["api"]["pid"]
+            os.kill(pid, signal.SIGKILL)
+
+            async def back() -> bool:
+                st = _state(state_file)
+                if not st or st["roles"]["api"]["pid"] in (None, pid):
+                    return False
+                return await api_reachable(url)
+
+            await eventually(back, timeout=60, every=0.2)
+            assert _state(state_file)["http_url"] == url
+            # The same admin key (the file outlives the process).
+            assert (await client.request("GET", "/v1/whoami"))["admin"] is True
+        finally:
+            await client.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 30)
+
+
+def _state(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
