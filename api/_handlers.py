@@ -374,12 +374,16 @@ async def reindex(request: web.Request) -> web.Response:
 async def reindex_model(svc: Services) -> dict[str, Any]:
     live = svc.model.path
     tmp = live.with_name(f".{live.name}.rebuild-{new_id()}")
-    fresh = await rebuild(svc.bus, tmp)
     try:
-        position = fresh.position
-        runs = sum((await fresh.counts()).values())
-    finally:
-        await fresh.close()
+        fresh = await rebuild(svc.bus, tmp)
+        try:
+            position = fresh.position
+            runs = sum((await fresh.counts()).values())
+        finally:
+            await fresh.close()
+    except BaseException:
+        await asyncio.to_thread(_remove_db, tmp)
+        raise
     # The swap: stop the feed, close the old file, move the new one in, feed from its end.
     await svc.projector.stop()
     await svc.model.close()
@@ -388,6 +392,12 @@ async def reindex_model(svc: Services) -> dict[str, Any]:
     svc.projector = Projector(svc.bus, svc.model, instance=svc.config.instance)
     svc.projector.start()
     return {"position": position, "runs": runs}
+
+
+def _remove_db(path: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            Path(str(path) + suffix).unlink()
 
 
 def _swap_files(new: Path, live: Path) -> None:

@@ -31,7 +31,7 @@ from api._appkeys import SERVICES
 from api._http import principal, query_bool
 from api._services import Services
 from api._tail import TERMINAL_STATUSES, Frame, RunTail, direct_batch
-from nerve._errors import HistoryError, InvalidRequest, Overloaded
+from nerve._errors import CodecError, HistoryError, InvalidRequest, Overloaded
 from persistence import TERMINAL_TYPES, decode_record
 
 log = logging.getLogger("nerve.api.sse")
@@ -61,7 +61,10 @@ async def _history_end(svc: Services, run_id: str) -> tuple[str | None, float | 
                                             svc.bus.names.history(run_id), direct=True)
     except NotFoundError:
         return None, None
-    events = decode_record(msg.data)
+    try:
+        events = decode_record(msg.data)
+    except CodecError:
+        return None, None  # an unreadable record says nothing about the end
     if events and events[-1].type in TERMINAL_TYPES:
         return events[-1].type.removeprefix("run_"), events[-1].at
     return None, None

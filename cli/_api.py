@@ -16,10 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
 from actors import run
-from api import ApiClient, ApiKeys, load_admin_key
 from cli._target import add_target_args, connect_target, default_data_dir, read_state
 from nerve._errors import ConfigError
 
@@ -71,12 +68,16 @@ def api_target(args: argparse.Namespace, *, required: bool = True,
             return None
         raise ConfigError(f"no HTTP API found: pass --api-url (or set {API_URL_ENV}), or start "
                           f"one with `nerve up --data-dir {data_dir}`")
+    from api import load_admin_key  # here: `nerve worker` should not pay for the API
+
     key = getattr(args, "api_key", None) or os.environ.get(API_KEY_ENV) or \
         load_admin_key(data_dir)
     return url, key
 
 
 async def api_reachable(url: str) -> bool:
+    import aiohttp
+
     try:
         async with aiohttp.ClientSession() as http, http.get(
                 url.rstrip("/") + "/healthz", timeout=aiohttp.ClientTimeout(total=2)) as resp:
@@ -93,6 +94,8 @@ def _who() -> str:
 
 
 async def _create(args: argparse.Namespace) -> int:
+    from api import ApiKeys
+
     bus = await connect_target(args, name="nerve-apikey")
     try:
         key, record = await ApiKeys(bus).create(args.tenant, name=args.name, by=_who())
@@ -108,6 +111,8 @@ async def _create(args: argparse.Namespace) -> int:
 
 
 async def _list(args: argparse.Namespace) -> int:
+    from api import ApiKeys
+
     bus = await connect_target(args, name="nerve-apikey")
     try:
         records = await ApiKeys(bus).list(args.tenant)
@@ -125,6 +130,8 @@ async def _list(args: argparse.Namespace) -> int:
 
 
 async def _revoke(args: argparse.Namespace) -> int:
+    from api import ApiKeys
+
     bus = await connect_target(args, name="nerve-apikey")
     try:
         found = await ApiKeys(bus).revoke(args.key_id, by=_who())
@@ -141,6 +148,8 @@ async def list_runs_via_api(args: argparse.Namespace) -> list[dict[str, Any]] | 
     target = api_target(args, required=False)
     if target is None or not await api_reachable(target[0]):
         return None
+    from api import ApiClient
+
     params: dict[str, Any] = {"limit": str(min(max(args.limit, 1), 500))}
     if args.tenant:
         params["tenant"] = args.tenant

@@ -12,7 +12,6 @@ import json
 import sys
 
 from actors import run
-from api import ApiClient
 from cli._api import add_api_args, api_target
 from cli._target import add_target_args
 
@@ -30,6 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 async def _logs(args: argparse.Namespace) -> int:
+    from api import ApiClient  # here: other commands should not pay for the API
+
     target = api_target(args)
     assert target is not None
     status = None

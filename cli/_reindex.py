@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 from actors import run
-from api import ApiClient, rebuild
 from cli._api import add_api_args, api_reachable, api_target
 from cli._target import add_target_args, connect_target
 from nerve._errors import ConfigError
@@ -30,6 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 async def _reindex(args: argparse.Namespace) -> int:
+    from api import ApiClient, rebuild  # here: other commands should not pay for the API
+
     if args.db is None:
         target = api_target(args)
         assert target is not None
