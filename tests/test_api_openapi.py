@@ -81,7 +81,7 @@ async def test_schemathesis_against_a_live_server(api: Api, tmp_path: Path) -> N
         # tenant the rest of the run uses. Both have tests of their own.
         "--exclude-operation-id", "streamEvents", "--exclude-operation-id", "killTenant",
         "--max-examples", "10", "--seed", "1", "-w", "2", "--phases", "coverage,fuzzing",
-        "--no-color", cwd=tmp_path, stdout=asyncio.subprocess.PIPE,
+        "--request-timeout", "30", "--no-color", cwd=tmp_path, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT)
     out, _ = await proc.communicate()
     report = out.decode(errors="replace")
