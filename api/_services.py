@@ -165,8 +165,15 @@ class Services:
             if rejected in done:
                 raise TaskRejected(rejected.result(), run_id=run_id)
             if started in done:
-                with contextlib.suppress(RunNotFound, NerveError):
-                    return await self.state(run_id)
+                # A core subscriber hears an append as it is published, a moment before
+                # JetStream has stored it: read until the stored history shows it.
+                for attempt in range(40):
+                    try:
+                        return await self.state(run_id)
+                    except RunNotFound:
+                        await asyncio.sleep(min(0.005 * 2 ** attempt, 0.1))
+                    except NerveError:
+                        break
             return None
         finally:
             for sub in subs:

@@ -106,11 +106,14 @@ class _Stream:
         frames = self.tail.after(self.position, BATCH)
         if frames is not None:
             return frames
+        # The ring's bounds before the read: everything below `base` was stored by then,
+        # so an empty answer means nothing lies between our position and the ring.
+        generation, base = self.tail.generation, self.tail.base
         frames = await direct_batch(self.svc.bus, self.subject, self.position, BATCH)
         self.svc.metrics.inc("nerve_api_sse_stream_reads_total")
         if not frames:
-            # Nothing stored between our position and the ring: catch up to its base.
-            self.position = max(self.position, self.tail.base - 1)
+            if self.tail.generation == generation:  # not restarted meanwhile (a new base)
+                self.position = max(self.position, base - 1)
             return self.tail.after(self.position, BATCH) or []
         return frames
 
