@@ -117,7 +117,8 @@ class Projector:
             durable_name=self.durable, filter_subject=self.bus.names.history("*"),
             deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start,
             ack_policy=AckPolicy.ALL, ack_wait=60.0, max_ack_pending=20_000,
-            description="nerve API read model feed")
+            # A read model whose API is gone for good must not leave its consumer behind.
+            inactive_threshold=7 * 24 * 3600.0, description="nerve API read model feed")
         await js.add_consumer(stream, config)
         self._sub = await js.pull_subscribe_bind(self.durable, stream=stream)
         self._last_dseq = 0

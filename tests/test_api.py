@@ -192,3 +192,14 @@ async def test_heartbeats_keep_an_idle_stream_talking(api: Api) -> None:
     assert lines[0] == "retry: 1000"
     await api.nerve.cancel(run_id)
     await eventually(lambda: api.nerve.wait(run_id, timeout=10))
+
+
+def test_the_public_api_is_pinned() -> None:
+    import api
+
+    assert set(api.__all__) == {
+        "ADMIN_KEY_ENV", "PROJECTIONS", "ApiClient", "ApiConfig", "ApiKeyRecord", "ApiKeys",
+        "ApiServer", "Principal", "Projector", "ReadModel", "Record", "ServerState",
+        "SseEvent", "document", "load_admin_key", "rebuild", "run_api"}
+    for name in api.__all__:
+        assert getattr(api, name) is not None
