@@ -4,9 +4,12 @@ from actors._actor import Actor, ActorState, Delivery, Permanent, ask, run
 from actors._codec import JSON, MSGPACK, decode, encode, encode_json, unpack
 from actors._envelope import Envelope, new_id
 from actors._mailbox import DeadLetter, Requests, WorkQueue, publish_dead_letter
-from actors._work import StepResult, StepWorker, WorkItem
+from actors._poison import PoisonKeeper
+from actors._telemetry import configure_tracing
+from actors._work import H_HEARTBEAT, StepResult, StepWorker, WorkItem
 
 __all__ = [
+    "H_HEARTBEAT",
     "JSON",
     "MSGPACK",
     "Actor",
@@ -15,12 +18,14 @@ __all__ = [
     "Delivery",
     "Envelope",
     "Permanent",
+    "PoisonKeeper",
     "Requests",
     "StepResult",
     "StepWorker",
     "WorkItem",
     "WorkQueue",
     "ask",
+    "configure_tracing",
     "decode",
     "encode",
     "encode_json",

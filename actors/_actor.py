@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import gc
 import logging
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from actors._mailbox import (
     publish_dead_letter,
 )
 from bus import Bus
-from nerve._errors import BusError, CodecError, NerveError, error_from_wire
+from nerve import BusError, CodecError, NerveError, error_from_wire
 
 log = logging.getLogger("nerve.actors")
 _REPLY_HEADERS = {H_CONTENT_TYPE: MSGPACK}
@@ -290,7 +291,16 @@ async def ask(bus: Bus, subject: str, message: Any, *, into: Any = None, timeout
 
 
 def run(main: Coroutine[Any, Any, Any]) -> Any:
-    """Run ``main`` on uvloop when it is installed, else on asyncio's default loop."""
+    """Run ``main`` as a nerve process: on uvloop when it is installed, with the garbage
+    collector tuned for a long-lived server.
+
+    Replaying a history allocates a burst of small objects (events, dicts) that are not
+    cycles; with the default thresholds the collector ran every 700 allocations and took
+    about a third of a history read. Objects alive at start-up are frozen out of the scans
+    and the young generation is collected every 50,000 allocations instead.
+    """
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 50)
     try:
         import uvloop
     except ImportError:

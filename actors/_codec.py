@@ -11,7 +11,7 @@ from typing import Any, TypeVar, overload
 import msgpack
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from nerve._errors import CodecError
+from nerve import CodecError
 
 MSGPACK = "application/msgpack"
 JSON = "application/json"

@@ -130,6 +130,7 @@ class PullMailbox:
     _tasks: set[asyncio.Task[None]] = field(init=False, default_factory=set)
     _loop_task: asyncio.Task[None] | None = field(init=False, default=None)
     _sub: Any = field(init=False, default=None)
+    _closing: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         self._slots = asyncio.Semaphore(self.concurrency)
@@ -164,7 +165,7 @@ class PullMailbox:
         self._loop_task = asyncio.create_task(self._loop(), name=f"mailbox:{self.spec.durable}")
 
     async def _loop(self) -> None:
-        while True:
+        while not self._closing:
             await self._slots.acquire()
             want = 1
             while want < self.concurrency and not self._slots.locked():
@@ -203,9 +204,16 @@ class PullMailbox:
 
     async def close(self, timeout: float) -> None:
         if self._loop_task is not None:
+            self._closing = True
+            # nats-py's fetch can swallow a cancellation (asyncio.wait_for on Python 3.11
+            # drops it when the awaited get completes at the same moment), so the flag
+            # above, not the cancel alone, is what ends the loop: at the latest when the
+            # fetch in flight returns, within `poll` seconds.
             self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
+            await asyncio.wait({self._loop_task}, timeout=self.spec.poll + 1.0)
+            if not self._loop_task.done():
+                log.error("mailbox %s: the fetch loop did not stop; abandoning it",
+                          self.spec.durable)
         if self._tasks:
             # Let handlers finish what they hold; unfinished ones are redelivered elsewhere.
             _done, pending = await asyncio.wait(set(self._tasks), timeout=timeout)

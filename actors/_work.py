@@ -35,7 +35,7 @@ from actors._actor import Actor, Delivery
 from actors._codec import encode
 from actors._envelope import Envelope
 from actors._mailbox import WorkQueue
-from nerve._errors import NerveError
+from nerve import NerveError
 
 log = logging.getLogger("nerve.actors.work")
 
@@ -105,6 +105,7 @@ class StepWorker(Actor[WorkItem]):
         self.worker_id = worker_id or self.name
         self._recent: collections.OrderedDict[tuple[str, int], StepResult] = (
             collections.OrderedDict())
+        self._deliveries: set[asyncio.Task[None]] = set()
 
     def work_subjects(self) -> list[str]:
         """The ``NERVE_WORK`` subjects this worker pulls from."""
@@ -145,7 +146,28 @@ class StepWorker(Actor[WorkItem]):
             self._remember(message, result)
         else:
             result = cached
-        await self.reply(message, result)
+        # The slot this handler holds bounds how many steps run at once, not how many
+        # results are on their way: deliver in the background, ack (or nak) when delivered.
+        delivery.settled = True
+        task = asyncio.create_task(self._deliver(message, result, delivery))
+        self._deliveries.add(task)
+        task.add_done_callback(self._deliveries.discard)
+
+    async def _deliver(self, item: WorkItem, result: StepResult, delivery: Delivery) -> None:
+        try:
+            await self.reply(item, result)
+        except NerveError as exc:
+            log.warning("%s: %s; the step will be redelivered", self.name, exc.message)
+            with contextlib.suppress(NatsClientError):
+                await delivery.msg.nak(delay=1.0)
+            return
+        with contextlib.suppress(NatsClientError):
+            await delivery.msg.ack()
+
+    async def on_stop(self) -> None:
+        if self._deliveries:
+            # Results on their way are worth waiting for; unacked ones are redelivered.
+            await asyncio.wait(set(self._deliveries), timeout=self.reply_timeout + 5)
 
     def _error(self, item: WorkItem, wire: dict[str, Any]) -> StepResult:
         return StepResult(run_id=item.run_id, index=item.index, attempt=item.attempt,

@@ -129,6 +129,7 @@ class Run(BaseModel):
     waiting_for: list[str] = Field(default_factory=list)
     blocked: dict[str, Any] | None = None
     cancel_requested: bool = False
+    segments: int = Field(default=1, description="continue-as-new segments")
     history_seq: int = Field(description="stream sequence of the last history record seen")
 
 

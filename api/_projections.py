@@ -31,6 +31,7 @@ from persistence import (
     RunBlocked,
     RunCancelled,
     RunCompleted,
+    RunContinued,
     RunFailed,
     RunPaused,
     RunResumed,
@@ -78,6 +79,7 @@ class RunRow:
     waits: dict[str, str] = field(default_factory=dict)  # open signal waits: index -> name
     blocked: dict[str, Any] | None = None
     cancel_requested: bool = False
+    segments: int = 1  # continue-as-new starts another
     last_seq: int = 0
 
     @property
@@ -207,7 +209,7 @@ def keys_of(records: list[Record]) -> Keys:
                 k.tool_uses.add((rec.run_id, str(ev.args["approves"])))
             if isinstance(ev, RunStarted):
                 k.tenants.add(ev.tenant)
-            if ev.type in ("run_completed", "run_failed", "run_cancelled"):
+            if ev.type in ("run_completed", "run_failed", "run_cancelled", "run_continued"):
                 k.ending_runs.add(rec.run_id)
     return k
 
@@ -319,6 +321,9 @@ def _fold_run(run: RunRow, ev: Event) -> None:
             run.output_tokens += out
             run.cache_read_tokens += cread
             run.cache_write_tokens += cwrite
+    elif isinstance(ev, RunContinued):
+        run.segments += 1
+        run.waits.clear()  # the new segment waits for nothing yet
     elif isinstance(ev, CancelRequested):
         run.cancel_requested = True
     elif isinstance(ev, RunPaused):
@@ -411,7 +416,7 @@ def _fold_approval(batch: Batch, run_id: str, ev: Event) -> None:
         row.decided_at = ev.at
         batch.changed_approvals.add((run_id, row.idx))
         return
-    if ev.type in ("run_completed", "run_failed", "run_cancelled"):
+    if ev.type in ("run_completed", "run_failed", "run_cancelled", "run_continued"):
         for key in sorted(batch.approvals_by_run.get(run_id, ())):
             row = batch.approvals[key]
             if row.status == "pending":

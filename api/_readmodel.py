@@ -54,7 +54,7 @@ CREATE TABLE IF NOT EXISTS runs (
     cost_usd REAL NOT NULL, input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL,
     cache_read_tokens INTEGER NOT NULL, cache_write_tokens INTEGER NOT NULL,
     result TEXT, error TEXT, waits TEXT NOT NULL, blocked TEXT,
-    cancel_requested INTEGER NOT NULL, last_seq INTEGER NOT NULL
+    cancel_requested INTEGER NOT NULL, segments INTEGER NOT NULL, last_seq INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS runs_by_time ON runs (created_at DESC, run_id DESC);
 CREATE INDEX IF NOT EXISTS runs_by_tenant ON runs (tenant, created_at DESC, run_id DESC);
@@ -90,7 +90,7 @@ _RUN_COLUMNS = ("run_id", "tenant", "workflow", "version", "status", "phase", "t
                 "parent_run_id", "forked_from", "created_at", "updated_at", "ended_at", "steps",
                 "events", "llm_calls", "cost_usd", "input_tokens", "output_tokens",
                 "cache_read_tokens", "cache_write_tokens", "result", "error", "waits",
-                "blocked", "cancel_requested", "last_seq")
+                "blocked", "cancel_requested", "segments", "last_seq")
 _RUN_JSON = {"labels", "forked_from", "result", "error", "waits", "blocked"}
 _STEP_COLUMNS = ("run_id", "idx", "kind", "name", "status", "attempt", "scheduled_at",
                  "ended_at", "duration_ms", "cost_usd", "error")
@@ -152,7 +152,7 @@ def run_view(row: sqlite3.Row | RunRow) -> dict[str, Any]:
             "cache_read": run.cache_read_tokens, "cache_write": run.cache_write_tokens},
         "result": run.result, "error": run.error, "waiting_for": run.waiting_for,
         "blocked": run.blocked, "cancel_requested": run.cancel_requested,
-        "history_seq": run.last_seq,
+        "segments": run.segments, "history_seq": run.last_seq,
     }
 
 

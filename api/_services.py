@@ -87,11 +87,8 @@ class Services:
         tenant = await self.model.run_tenant(run_id)
         if tenant is not None:
             return tenant
-        try:
-            started = await RunHistory(self.bus, run_id).load_started()
-        except RunNotFound:
-            return None
-        return started.tenant
+        started = await RunHistory(self.bus, run_id).first()
+        return started.tenant if started is not None else None
 
     async def resolve(self, p: Principal, run_id: str) -> str:
         """The run's tenant, if this key may see the run. Anything else is the same 404,
@@ -109,7 +106,7 @@ class Services:
         """Fold the run's history now (fresh, unlike the read model, which may lag)."""
         records: list[Record] = []
         events: list[tuple[int, Any]] = []
-        async for seq, evs in RunHistory(self.bus, run_id).records():
+        async for seq, _headers, evs in RunHistory(self.bus, run_id).records():
             records.append(Record(seq, run_id, evs))
             events.extend((seq, e) for e in evs)
         if not records or not isinstance(records[0].events[0], RunStarted):
@@ -156,10 +153,8 @@ class Services:
             await publish()
             if not wait:
                 return None
-            with contextlib.suppress(RunNotFound):
-                await RunHistory(self.bus, run_id).load_started()  # it may exist already
-                if not started.done():
-                    started.set_result(None)
+            if await RunHistory(self.bus, run_id).first() is not None and not started.done():
+                started.set_result(None)  # it existed already
             done, _ = await asyncio.wait({started, rejected}, timeout=self.config.submit_wait,
                                          return_when=asyncio.FIRST_COMPLETED)
             if rejected in done:

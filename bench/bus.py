@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from actors import Actor, Delivery, Requests, ask
+from actors import Actor, Delivery, Requests, ask, run
 from bench._common import embedded_bus, parse_args, pct, report, summary_ms
 from bus import EmbeddedNats, EmbeddedNatsConfig
 from persistence import RunHistory, RunStarted, StepCompleted, StepScheduled
@@ -166,4 +166,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    run(main())  # the runtime nerve processes use: uvloop, tuned GC

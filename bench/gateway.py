@@ -15,9 +15,10 @@ Reported per strategy: cache hit rate (cache-read tokens / all input tokens), in
 (USD at $3/MTok base: writes 1.25x / 2x, reads 0.1x) and its reduction against no caching,
 p50 time to first token, and replica load (max/mean of calls per replica). Then the gateway's
 overhead per call over the upstream's own time (each call paired with the upstream's
-server-side measurement by message id), sequential calls, for the gateway core and for a raw
-HTTP client reading the same stream (the floor of any Python client); and the whole actor
-path over the bus (work item published to step result received) for information.
+server-side measurement by message id), sequential calls: through the gateway, through the
+bare SDK, through a raw aiohttp client (the floor of any Python client), for the anthropic
+and the openai provider; the gateway core alone (a provider that does no I/O); and the whole
+actor path over the bus (work item published to step result received), for information.
 
     python bench/gateway.py [--quick] [--json] [--runs N] [--turns N]
 """
@@ -50,8 +51,10 @@ from gateway_actor import (
     LLMRequest,
     LLMResponse,
     Message,
+    TextBlock,
     ToolResultBlock,
     ToolSpec,
+    ToolUseBlock,
 )
 from gateway_actor._openai_wire import to_openai
 
@@ -273,8 +276,9 @@ async def overhead_openai(urls: list[str], session: aiohttp.ClientSession,
             chat_id, name = "", "raw"
             async with session.post(url + "/v1/chat/completions", json=payload) as resp:
                 async for line in resp.content:
-                    if line.startswith(b"data: {"):
-                        chat_id = chat_id or json.loads(line[6:])["id"]
+                    if line.startswith(b"data: {"):  # every chunk parsed, as any client must
+                        chunk = json.loads(line[6:])
+                        chat_id = chat_id or chunk["id"]
         if i >= 6:
             times[name][chat_id] = (time.perf_counter() - started) * 1000
     stats = await control(session, url, "/_nerve/stats?timings=1")
@@ -286,6 +290,53 @@ async def overhead_openai(urls: list[str], session: aiohttp.ClientSession,
             "raw_client_overhead_p50_ms": statistics.median(over["raw"]),
             "gateway_own_p50_ms": statistics.median(over["gateway"])
             - statistics.median(over["raw"])}
+
+
+class _NullProvider:
+    """Answers at once without I/O: isolates the gateway core's own cost per call."""
+
+    kind = "null"
+
+    def __init__(self) -> None:
+        self.reply = LLMResponse(model="claude-bench", content=[
+            TextBlock(text="Trying again."),
+            ToolUseBlock(id="toolu_x", name="run", input={"command": "echo again"})])
+
+    async def call(self, plan: Any, upstream: Any, *, stream: bool, sink: Any,
+                   attempt: Any) -> LLMResponse:
+        if sink is not None:
+            sink("Trying again.")
+        return self.reply.model_copy()
+
+    async def close(self) -> None:
+        return None
+
+
+async def core_overhead(n: int) -> dict[str, float]:
+    """Gateway.call with a provider that does nothing: planning (serialization, digests,
+    breakpoints), the prefix check, routing, span and response handling, per call."""
+    gw = Gateway(GatewayConfig.for_urls(["http://unused"], provider="openai",
+                                        model="claude-bench"),
+                 providers={"openai": _NullProvider()})  # type: ignore[dict-item]
+    rng = random.Random(97)
+    messages = [Message(role="user", content="[scripted:loop] core " + words(rng, 100))]
+    for i in range(6):
+        messages += [Message(role="assistant", content=[
+                         TextBlock(text="Trying again."),
+                         ToolUseBlock(id=f"toolu_{i}", name="run", input={"command": "x"})]),
+                     Message(role="user", content=[ToolResultBlock(
+                         tool_use_id=f"toolu_{i}", content=words(rng, 400))])]
+    request = LLMRequest(system=SYSTEM, tools=TOOLS, messages=messages)
+    times = []
+    for _ in range(n + 50):
+        started = time.perf_counter()
+        await gw.call(request, run_id="core")
+        times.append((time.perf_counter() - started) * 1000)
+    await gw.close()
+    times = times[50:]
+    return {"calls": n, "core_p50_ms": statistics.median(times),
+            "core_p90_ms": _percentile(times, 0.9),
+            "input_tokens": gw.plan(request).input_tokens}
 
 
 async def actor_path(urls: list[str], session: aiohttp.ClientSession, n: int) -> dict[str, float]:
@@ -350,6 +401,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 s["cost_reduction_vs_no_cache"] = 1 - s["input_cost_usd"] / base
             for url in urls:
                 await control(session, url, "/_nerve/reset", "POST")
+            report["core"] = await core_overhead(args.overhead_calls * 2)
             report["overhead"] = await overhead(urls, session, args.overhead_calls)
             report["overhead_openai"] = await overhead_openai(urls, session,
                                                               args.overhead_calls)
@@ -371,6 +423,9 @@ def show(report: dict[str, Any]) -> None:
               f"{-s['cost_reduction_vs_no_cache']:>+12.1%} {s['ttft_p50_ms']:>7.1f}ms "
               f"{s['ttft_p90_ms']:>7.1f}ms {s['load_max_over_mean']:>9.2f} "
               f"{s['client_ttft_p50_ms']:>12.1f}ms")
+    c = report["core"]
+    print(f"  gateway core per call ({c['input_tokens']}-token request, no I/O): p50 "
+          f"{c['core_p50_ms']:.3f} ms, p90 {c['core_p90_ms']:.3f} ms")
     o = report["overhead"]
     print(f"  per call over the upstream's own {o['upstream_p50_ms']:.2f} ms (p50 of "
           f"{o['calls']} sequential calls each): gateway +{o['gateway_overhead_p50_ms']:.2f} ms "

@@ -16,6 +16,7 @@ process (`nerve worker --role ...`); this process only submits tasks and reads h
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import statistics
@@ -25,13 +26,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import itertools
-
 import bench.workflow_defs as defs
+from actors import run
 from bench._common import embedded_bus, parse_args, pct, report
 from persistence import RunHistory, RunStarted, StepScheduled
-from workflow import ActivityContext, NerveClient, Orchestrator
-from workflow._replay import replay_run
+from workflow import ActivityContext, NerveClient, Orchestrator, replay_run
 
 
 async def spawn(role: str, ident: str, url: str, prefix: str, *extra: str,
@@ -54,7 +53,8 @@ async def bare_append(bus, n: int) -> float:
     return pct(lat, 50) * 1000
 
 
-async def step_overhead(client: NerveClient, steps: int, repeats: int) -> dict[str, float]:
+async def step_overhead(client: NerveClient, steps: int, repeats: int,
+                        workflow: str = "bench_steps", tag: str = "") -> dict[str, float]:
     direct = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -65,7 +65,7 @@ async def step_overhead(client: NerveClient, steps: int, repeats: int) -> dict[s
     totals = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        run_id = await client.submit("bench", workflow="bench_steps", input={"steps": steps})
+        run_id = await client.submit("bench", workflow=workflow, input={"steps": steps})
         summary = await client.wait(run_id, timeout=300)
         totals.append((time.perf_counter() - t0) / steps)
         assert summary.result == sum(range(steps)), summary
@@ -73,9 +73,9 @@ async def step_overhead(client: NerveClient, steps: int, repeats: int) -> dict[s
         per_step += [b - a for a, b in itertools.pairwise(sched)]
     direct_s = statistics.median(direct)
     return {
-        "step_overhead_p50_ms": round((pct(per_step, 50) - direct_s) * 1000, 3),
-        "step_overhead_p99_ms": round((pct(per_step, 99) - direct_s) * 1000, 3),
-        "step_cycle_mean_ms_incl_start": round(statistics.median(totals) * 1000, 3),
+        f"step_overhead{tag}_p50_ms": round((pct(per_step, 50) - direct_s) * 1000, 3),
+        f"step_overhead{tag}_p99_ms": round((pct(per_step, 99) - direct_s) * 1000, 3),
+        f"step_cycle{tag}_mean_ms_incl_start": round(statistics.median(totals) * 1000, 3),
         "direct_call_us": round(direct_s * 1e6, 2),
     }
 
@@ -115,7 +115,7 @@ async def takeover(bus, url: str, prefix: str, trials: int) -> dict[str, float]:
     leases = await bus.kv(bus.names.leases_bucket)
     for trial in range(trials):
         victim = await spawn("orchestrator", f"victim-{trial}", url, prefix, "--set",
-                             "host_ttl=1")
+                             "host_ttl=1", "--set", "budget=0")
         async with asyncio.timeout(30):
             while True:  # the victim holds its host lease: it is up
                 try:
@@ -167,11 +167,14 @@ async def main() -> None:
     async with embedded_bus(prefix="wfb") as (server, bus):
         figures["bare_fenced_append_p50_ms"] = round(await bare_append(bus, 200 if q else 1000), 3)
         worker = await spawn("activity", "bench-acts", server.url, "wfb")
-        orch = await spawn("orchestrator", "bench-orch", server.url, "wfb")
+        # The engine alone: runs start without a budget check (bench/budget.py measures that).
+        orch = await spawn("orchestrator", "bench-orch", server.url, "wfb", "--set", "budget=0")
         client = NerveClient(bus)
         await asyncio.sleep(1.0)
         try:
             figures |= await step_overhead(client, 100 if q else 500, 2 if q else 3)
+            figures |= await step_overhead(client, 100 if q else 500, 2 if q else 3,
+                                           "bench_local_steps", "_local_activity")
             figures |= await start_latency(client, 10 if q else 30)
             figures |= await throughput(client, 100, 10, "c100x10")
             figures |= await throughput(client, 300 if q else 1000, 2, "c1000")
@@ -185,7 +188,9 @@ async def main() -> None:
                     proc.send_signal(signal.SIGTERM)
                 await proc.wait()
     figures["targets_met"] = {
-        "step_overhead_p50_under_0.7ms": figures["step_overhead_p50_ms"] < 0.7,
+        "step_overhead_p50_under_0.7ms (remote activity)": figures["step_overhead_p50_ms"] < 0.7,
+        "step_overhead_p50_under_0.7ms (local activity)":
+            figures["step_overhead_local_activity_p50_ms"] < 0.7,
         "over_300_workflows_per_s": figures["c100x10_workflows_per_s"] > 300,
         "1000_concurrent_without_errors": figures["c1000_errors"] == 0,
         "takeover_under_2s": figures["takeover_max_s"] < 2,
@@ -196,4 +201,4 @@ async def main() -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONPATH", str(Path(__file__).resolve().parent.parent))
-    asyncio.run(main())
+    run(main())  # the runtime nerve processes use: uvloop, tuned GC

@@ -18,3 +18,11 @@ async def bench_steps(ctx: RunContext, inp: dict[str, Any]) -> int:
     for i in range(inp["steps"]):
         total += await ctx.activity(noop, i)
     return total
+
+
+@workflow(name="bench_local_steps")
+async def bench_local_steps(ctx: RunContext, inp: dict[str, Any]) -> int:
+    total = 0
+    for i in range(inp["steps"]):
+        total += await ctx.activity(noop, i, local=True)
+    return total

@@ -4,7 +4,7 @@ It does what no single ledger call can:
 
 * **Sweeps** expired reservations (and lifts ended exhaustion kills) of idle tenants; busy
   tenants are swept by their own traffic, since every ledger write expires what is due.
-* **Runs the breaker**: follows cost events (``nerve.events.cost.*``) and run histories
+* **Runs the breaker**: follows cost events (``nerve.events.budget.cost.*``) and run histories
   (``nerve.runs.*.history``) over plain subscriptions, feeds :class:`BreakerState`, and acts
   on trips: a run is halted in the ledger (its reservations are refused) and sent a
   ``CancelMessage`` or ``PauseMessage`` on its inbox; a tenant is killed. Every trip is a
@@ -47,7 +47,7 @@ from budget_actor._ledger import Ledger
 from budget_actor._limits import Limits
 from budget_actor._notices import ResetNotice, parse_kill_message
 from bus import Names
-from nerve._errors import CodecError, ConfigError, LeaseError, NerveError, UnknownTenant
+from nerve import CodecError, ConfigError, LeaseError, NerveError, UnknownTenant
 from persistence import (
     TERMINAL_TYPES,
     CancelMessage,
@@ -126,7 +126,7 @@ class BudgetActor(Actor[BudgetRequest]):
             with contextlib.suppress(LeaseError, NatsClientError, TimeoutError):
                 await self._lease.acquire()
             self._subs += [
-                await nc.subscribe(names.cost_event("*"), cb=self._guard(self._on_cost)),
+                await nc.subscribe(names.budget_cost_event("*"), cb=self._guard(self._on_cost)),
                 await nc.subscribe(names.history("*"), cb=self._guard(self._on_history)),
             ]
             self._spawn(self._lead(), "budget:lease")

@@ -167,10 +167,15 @@ class BudgetReport(BaseModel):
                          f"{self.burn.get('calls_in_window', 0)} calls in the last "
                          f"{self.burn.get('window_s')}s")
         b = self.limits.breaker
-        lines.append(f"  breaker: window {b.window_s:g}s, tenant ${b.tenant_usd_per_window}, "
-                     f"run ${b.run_usd_per_window}, repeats tool {b.repeat_tool_calls} / llm "
-                     f"{b.repeat_llm_calls} in {b.repeat_horizon} steps; on trip: "
-                     f"{self.limits.on_trip}; on exhaustion: {self.limits.on_exhaustion}")
+
+        def off(value: Any, unit: str = "") -> str:
+            return "off" if value is None else f"{unit}{value:g}"
+
+        lines.append(f"  breaker: per {b.window_s:g}s tenant {off(b.tenant_usd_per_window, '$')} "
+                     f"/ run {off(b.run_usd_per_window, '$')}; same tool call "
+                     f"{off(b.repeat_tool_calls)}x, same LLM request {off(b.repeat_llm_calls)}x "
+                     f"in {b.repeat_horizon} steps; on trip: {self.limits.on_trip}; on "
+                     f"exhaustion: {self.limits.on_exhaustion}")
         for run, h in self.halted_runs.items():
             lines.append(f"  halted run {run}: {h['policy']} ({h['reason']})")
         lines.append(f"  lifetime: ${self.lifetime_usd:,.4f}, {self.lifetime_tokens:,} tokens, "

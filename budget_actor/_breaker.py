@@ -2,9 +2,12 @@
 
 Two kinds of evidence, from two sources the breaker needs nobody's help to read:
 
-* **Burn rate** from :class:`~budget_actor.CostEvent` (``Ledger.settle`` publishes one per
-  charge): spend and LLM calls per tenant and per run over a sliding window of at most ten
-  seconds, timed by the events' own clocks.
+* **Burn rate** from the ledgers' own cost events (``Ledger.settle`` records a
+  :class:`~budget_actor.CostEvent` per charge, batched on
+  ``nerve.events.budget.cost.<tenant>``): spend and LLM calls per tenant and per run over a
+  sliding window of at most ten seconds, timed by the events' own clocks. (The gateway's
+  richer per-call records on ``nerve.events.cost`` are for dashboards; the breaker does
+  not depend on them.)
 * **No progress** from the run histories (``StepScheduled`` / ``StepCompleted`` on
   ``nerve.runs.<id>.history``): a step identity ``(kind, name, args_digest)`` of kind
   ``tool`` or ``llm`` seen ``repeat_*`` times within the run's last ``repeat_horizon``

@@ -1,6 +1,6 @@
 """Budget events on ``NERVE_EVENTS``: what each call cost, and every breaker trip.
 
-* :class:`CostEvents` on ``nerve.events.cost.<tenant>``: ``Ledger.settle`` records a
+* :class:`CostEvents` on ``nerve.events.budget.cost.<tenant>``: ``Ledger.settle`` records a
   :class:`CostEvent` for every charge and publishes them in batches, so whoever settles
   through a ledger feeds the breaker with nothing more.
 * :class:`TripEvent` on ``nerve.events.budget.trip``: a runaway-breaker trip, with the

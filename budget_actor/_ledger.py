@@ -52,7 +52,7 @@ from budget_actor._state import (
 )
 from budget_actor._usage import Usage
 from bus import Bus, Names, check_token
-from nerve._errors import (
+from nerve import (
     BudgetExceeded,
     ConfigError,
     LedgerUnavailable,
@@ -505,7 +505,7 @@ class Ledger:
                         batch = CostEvents(tenant=tenant,
                                            events=events[i:i + MAX_COSTS_PER_MESSAGE])
                         try:
-                            await self.bus.nc.publish(self.names.cost_event(tenant),
+                            await self.bus.nc.publish(self.names.budget_cost_event(tenant),
                                                       encode(batch))
                         except NatsClientError as exc:
                             log.warning("%d cost events of %s not published: %r",

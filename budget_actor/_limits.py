@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from nerve._errors import ConfigError
+from nerve import ConfigError
 
 # Anything above these is a typo, not a budget.
 MAX_USD = 10_000_000.0

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from actors import decode, new_id
 from actors._envelope import H_CONTENT_TYPE
 from bus import Bus, check_token
-from nerve._errors import CodecError, ConfigError
+from nerve import CodecError, ConfigError
 
 log = logging.getLogger("nerve.budget.notices")
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from budget_actor._usage import Usage
-from nerve._errors import ConfigError, UnknownModel
+from nerve import ConfigError, UnknownModel
 
 NANOS_PER_USD = 1_000_000_000
 _MTOK = Decimal(1_000_000)
@@ -226,6 +226,9 @@ BUILTIN_PRICES = PriceTable(
         # Haiku 3's cache prices are not the usual multiples: $0.30 / $0.50 / $0.03 per MTok.
         "claude-3-haiku": _p("0.25", "1.25", cache_read="0.12", cache_write_5m="1.2",
                              cache_write_1h="2"),
+        # The gateway's offline scripted model (the demo's default) is metered at Sonnet's
+        # rates, so budgets, limits and the breaker behave offline as they would on Claude.
+        "scripted": _SONNET,
     },
 )
 

@@ -32,7 +32,7 @@ import msgpack
 
 from budget_actor._limits import WINDOWS, Limits
 from budget_actor._prices import NANOS_PER_USD, usd_to_nanos
-from nerve._errors import BudgetExceeded, CodecError, ReservationNotFound, RunHalted, TenantKilled
+from nerve import BudgetExceeded, CodecError, ReservationNotFound, RunHalted, TenantKilled
 
 SCHEMA = 1
 TOMBSTONE_TTL_MS = 3600_000

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from nats.aio.client import Client as NatsClient
 from nats.errors import Error as NatsClientError
@@ -16,7 +18,7 @@ from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
 from bus._subjects import Names
-from nerve._errors import BusError, ConfigError
+from nerve import BusError, ConfigError
 
 log = logging.getLogger("nerve.bus")
 
@@ -77,6 +79,30 @@ class ConnectOptions:
         return ctx
 
 
+RawSink = Callable[[bytes | None, bytes], None]
+
+
+class _Client(NatsClient):
+    """nats-py's client, plus raw subscriptions for bulk reads.
+
+    A raw subscription hands each message's header block and payload straight to a plain
+    callback, skipping header parsing, message objects and the per-subscription task.
+    Reading a run history is mostly that per-message machinery; this halves it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.raw_sinks: dict[int, RawSink] = {}
+
+    async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes,
+                           headers: bytes | None) -> None:
+        sink = self.raw_sinks.get(sid)
+        if sink is not None:
+            sink(headers, data)
+            return
+        await super()._process_msg(sid, subject, reply, data, headers)
+
+
 class Bus:
     """A live NATS connection with its JetStream context and the deployment's :class:`Names`.
 
@@ -92,6 +118,29 @@ class Bus:
         self._reconnect_listeners = reconnect_listeners if reconnect_listeners is not None else []
         self._kv: dict[str, KeyValue] = {}
         self._obj: dict[str, ObjectStore] = {}
+
+    async def raw_subscribe(self, subject: str, sink: RawSink) -> Any:
+        """Subscribe with a plain callback ``sink(header_bytes_or_None, payload)``."""
+        sub = await self.nc.subscribe(subject)
+        if isinstance(self.nc, _Client):
+            self.nc.raw_sinks[sub._id] = sink
+        else:  # a plain nats-py client: fall back to a parsed subscription
+            async def forward(msg: Any) -> None:
+                raw = None
+                if msg.headers:
+                    raw = b"NATS/1.0\r\n" + b"".join(
+                        f"{k}: {v}\r\n".encode() for k, v in msg.headers.items()) + b"\r\n"
+                sink(raw, msg.data)
+
+            await sub.unsubscribe()
+            sub = await self.nc.subscribe(subject, cb=forward)
+        return sub
+
+    async def raw_unsubscribe(self, sub: Any) -> None:
+        if isinstance(self.nc, _Client):
+            self.nc.raw_sinks.pop(sub._id, None)
+        with contextlib.suppress(NatsClientError):
+            await sub.unsubscribe()
 
     async def kv(self, bucket: str) -> KeyValue:
         if bucket not in self._kv:
@@ -149,7 +198,7 @@ async def connect(options: ConnectOptions | str | None = None) -> Bus:
         if nc.is_connected or nc.is_reconnecting:
             log.warning("NATS connection error: %r", exc)
 
-    nc = NatsClient()
+    nc = _Client()
     try:
         await nc.connect(
             servers=options.servers,

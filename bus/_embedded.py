@@ -19,7 +19,7 @@ from pathlib import Path
 import nats
 from nats.errors import Error as NatsClientError
 
-from nerve._errors import (
+from nerve import (
     ConfigError,
     NatsServerCrashed,
     NatsServerNotFound,

@@ -16,7 +16,7 @@ from nats.js.api import (
 from nats.js.errors import BadRequestError, NotFoundError
 
 from bus._connect import Bus
-from nerve._errors import ProvisioningError
+from nerve import ProvisioningError
 
 log = logging.getLogger("nerve.bus.provision")
 
@@ -67,6 +67,16 @@ def stream_configs(names, limits: StreamLimits) -> list[StreamConfig]:
         ),
         StreamConfig(
             name=names.dead_stream, subjects=[f"{p}.deadletter.>"],
+            retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
+            max_age=limits.dead_max_age, **common,
+        ),
+        # JetStream's "out of deliveries" advisories for the work queues, kept so that a
+        # message whose handler crashed on every attempt is dead-lettered even if nobody
+        # was listening at that moment.
+        StreamConfig(
+            name=names.advisories_stream,
+            subjects=[names.max_deliveries_advisory(names.tasks_stream),
+                      names.max_deliveries_advisory(names.work_stream)],
             retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
             max_age=limits.dead_max_age, **common,
         ),

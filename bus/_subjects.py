@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from nerve._errors import ConfigError
+from nerve import ConfigError
 
 _PREFIX_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 # A token that may sit in one subject position: no wildcards, separators or whitespace.
@@ -68,6 +68,15 @@ class Names:
     @property
     def events_stream(self) -> str:
         return f"{self.prefix.upper()}_EVENTS"
+
+    @property
+    def advisories_stream(self) -> str:
+        return f"{self.prefix.upper()}_ADVISORIES"
+
+    @staticmethod
+    def max_deliveries_advisory(stream: str, consumer: str = "*") -> str:
+        """JetStream's advisory that a message ran out of deliveries (no verdict given)."""
+        return f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.{consumer}"
 
     # -- buckets -----------------------------------------------------------------------
     @property
@@ -156,9 +165,10 @@ class Names:
         """Request/reply subject of the budget actor (reports, limits, kill, reset)."""
         return f"{self.prefix}.budget.api"
 
-    def cost_event(self, tenant: str = "*") -> str:
-        """One settled LLM call's cost: ``nerve.events.cost.<tenant>`` (published by settle)."""
-        return f"{self.prefix}.events.cost.{self._id(tenant, 'tenant')}"
+    def budget_cost_event(self, tenant: str = "*") -> str:
+        """Charges to a tenant's ledger, batched (published by ``Ledger.settle``; the
+        breaker's burn-rate input): ``nerve.events.budget.cost.<tenant>``."""
+        return f"{self.prefix}.events.budget.cost.{self._id(tenant, 'tenant')}"
 
     @property
     def budget_trip_event(self) -> str:
@@ -205,6 +215,16 @@ class Names:
     def snapshot_name(sandbox_id: str, seq: int) -> str:
         # Zero-padded so names sort in sequence order.
         return f"sandbox.{check_token('sandbox id', sandbox_id)}.{seq:012d}"
+
+    @staticmethod
+    def snapshot_chunk(digest: str) -> str:
+        """A content-addressed chunk of workspace data in the snapshots object store."""
+        return f"chunk.{check_token('chunk digest', digest)}"
+
+    @staticmethod
+    def sandbox_durable(sandbox_id: str) -> str:
+        """The durable consumer that feeds one sandbox its steps."""
+        return f"sandbox_{check_token('sandbox id', sandbox_id)}"
 
     @staticmethod
     def _id(value: str, kind: str) -> str:

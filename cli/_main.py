@@ -18,6 +18,7 @@ def _build_parser() -> argparse.ArgumentParser:
         _logs,
         _reindex,
         _runs,
+        _sandbox,
         _up,
         _upstream,
         _worker,
@@ -38,6 +39,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _api.register(sub)
     _logs.register(sub)
     _reindex.register(sub)
+    _sandbox.register(sub)
     return parser
 
 

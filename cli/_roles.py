@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bus import Bus
-from nerve._errors import ConfigError
+from nerve import ConfigError
 
 
 @dataclass(slots=True)
@@ -32,11 +32,12 @@ ROLES: dict[str, str] = {
     "activity": "workflow._roles:run_activity_worker",
     "budget": "budget_actor._role:run_budget",
     "gateway": "gateway_actor._role:run_gateway",
+    "sandbox": "sandbox_actor._roles:run_sandbox_host",
     "api": "api._role:run_api",
 }
 
 # What `nerve up` starts by default, in start order.
-DEFAULT_UP_ROLES: list[str] = ["orchestrator", "activity", "budget", "gateway", "api"]
+DEFAULT_UP_ROLES: list[str] = ["orchestrator", "activity", "budget", "gateway", "sandbox", "api"]
 
 
 def load_role(role: str) -> RoleRunner:

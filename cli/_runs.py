@@ -12,10 +12,9 @@ from typing import Any
 from actors import run
 from cli._target import add_target_args, connect_target
 from cli._worker import import_workflow_modules
-from nerve._errors import ConfigError, RunNotFound
+from nerve import ConfigError, RunNotFound
 from persistence import RunHistory
-from workflow import NerveClient, RunSummary, summarize
-from workflow._replay import replay_run
+from workflow import NerveClient, RunSummary, replay_run, summarize
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -123,12 +122,22 @@ async def _follow(bus, run_id: str) -> None:
     from persistence import StreamEvent
 
     sub = await bus.js.subscribe(bus.names.stream(run_id), ordered_consumer=True)
+    shown: dict[Any, str] = {}  # per LLM step: the text printed so far
     try:
         while True:
             msg = await sub.next_msg(timeout=None)
             ev = decode(msg.data, StreamEvent)
             if ev.type == "token":
-                sys.stdout.write(ev.data.get("text", ""))
+                # A retried or taken-over stream restarts at an earlier offset: print only
+                # what is new, and say so when the text changed under us.
+                step = ev.data.get("index")
+                before = shown.get(step, "")
+                text = before[: int(ev.data.get("offset", len(before)))] + ev.data.get("text", "")
+                if text.startswith(before):
+                    sys.stdout.write(text[len(before):])
+                else:
+                    sys.stdout.write(f"\n[the model's stream restarted]\n{text}")
+                shown[step] = text
                 sys.stdout.flush()
             else:
                 print(f"\n[{ev.type}] {json.dumps(ev.data, default=str)[:400]}", flush=True)

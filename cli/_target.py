@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from bus import NATS_URL_ENV, Bus, ConnectOptions, connect
-from nerve._errors import ConfigError
+from nerve import ConfigError
 
 DATA_DIR_ENV = "NERVE_DATA_DIR"
 STATE_FILE = "nerve.json"

@@ -26,7 +26,7 @@ from actors import ask, run
 from bus import Bus, ConnectOptions, EmbeddedNats, EmbeddedNatsConfig, connect, provision
 from cli._roles import DEFAULT_UP_ROLES, ROLES
 from cli._target import STATE_FILE, default_data_dir
-from nerve._errors import BusError, ConfigError, NerveError
+from nerve import BusError, ConfigError, NerveError
 from supervisor import ChildSpec, OsProcess, Strategy, Supervisor, SupervisorEvent
 
 log = logging.getLogger("nerve.cli.up")

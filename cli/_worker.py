@@ -13,11 +13,11 @@ import socket
 import time
 from typing import Any
 
-from actors import Actor, Delivery, Requests, run
+from actors import Actor, Delivery, PoisonKeeper, Requests, configure_tracing, run
 from bus import Bus, provision
 from cli._roles import ROLES, RoleOptions, load_role
 from cli._target import add_target_args, connect_target
-from nerve._errors import ConfigError
+from nerve import ConfigError
 
 log = logging.getLogger("nerve.cli.worker")
 
@@ -77,6 +77,7 @@ class RoleStatus(Actor[dict]):
 async def worker_main(args: argparse.Namespace) -> int:
     import_workflow_modules(args.workflows)
     ident = args.id or f"{args.role}-{socket.gethostname()}".replace(".", "-")
+    tracing = configure_tracing(f"nerve-{args.role}")
     runner = load_role(args.role)
     bus: Bus = await connect_target(args, name=f"nerve-{ident}")
     await provision(bus)
@@ -88,6 +89,8 @@ async def worker_main(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, lambda: main.cancel() if main else None)
     role_task = asyncio.create_task(runner(bus, opts), name=f"role:{args.role}")
     await status.start(bus)
+    keeper = PoisonKeeper()
+    await keeper.start(bus)
     log.info("worker %s (%s) running, pid %d", ident, args.role, os.getpid())
     try:
         await role_task
@@ -96,8 +99,11 @@ async def worker_main(args: argparse.Namespace) -> int:
         with contextlib.suppress(asyncio.CancelledError):
             await role_task
     finally:
+        await keeper.stop()
         await status.stop()
         await bus.close()
+        if tracing is not None:
+            tracing.shutdown()  # flush what is batched
     return 0
 
 

@@ -21,7 +21,6 @@ calls at once: the upstream connection is closed, the step fails with
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import os
@@ -33,8 +32,8 @@ from typing import Any
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsClientError
 
-from actors import Delivery, Envelope, StepWorker, WorkItem, WorkQueue, encode, unpack
-from budget_actor import Usage
+from actors import Delivery, Envelope, StepWorker, WorkItem, WorkQueue, encode
+from budget_actor import Usage, parse_kill_message
 from gateway_actor._accounting import CostEvent
 from gateway_actor._budget import BudgetLedger, PriceTable, cost_of, default_prices, price_version
 from gateway_actor._config import GatewayConfig
@@ -42,7 +41,7 @@ from gateway_actor._gateway import CallRecord, Gateway
 from gateway_actor._protocol import LLMResponse, parse_request
 from gateway_actor._stream import TokenStream
 from gateway_actor._tokens import BYTES_PER_TOKEN, WORST_CASE_BYTES_PER_TOKEN
-from nerve._errors import (
+from nerve import (
     GatewayError,
     InvalidLLMRequest,
     LedgerUnavailable,
@@ -119,11 +118,14 @@ class GatewayActor(StepWorker):
 
     # -- the kill-switch -----------------------------------------------------------------
     async def _on_kill(self, msg: Msg) -> None:
-        tenant = msg.subject.split(".")[-2]
-        reason = "killed"
-        with contextlib.suppress(NerveError, AttributeError, TypeError):
-            body = unpack(msg.data)
-            reason = str(body.get("reason") or reason)
+        try:
+            notice = parse_kill_message(msg.subject, msg.data,
+                                        (msg.headers or {}).get("Content-Type"))
+        except NerveError as exc:
+            # A malformed kill changes nothing here; the budget actor reports it.
+            log.warning("ignoring malformed kill message on %s: %s", msg.subject, exc.message)
+            return
+        tenant, reason = notice.tenant, notice.reason or "killed"
         self._killed[tenant] = reason
         calls = list(self._in_flight.get(tenant, ()))
         for call in calls:
@@ -143,7 +145,9 @@ class GatewayActor(StepWorker):
             raise InvalidLLMRequest(f"the gateway performs llm steps, not {item.kind!r} "
                                     f"({item.key})", key=item.key)
         request = parse_request(item.args)
-        if item.tenant in self._killed:
+        if self.ledger is None and item.tenant in self._killed:
+            # With a ledger, the ledger decides (it refuses a killed tenant at reserve): a
+            # reset notice still on its way must not make this gateway refuse.
             raise TenantKilled(f"tenant {item.tenant} is killed ({self._killed[item.tenant]}); "
                                "reset it to run LLM calls again", tenant=item.tenant,
                                run_id=item.run_id)

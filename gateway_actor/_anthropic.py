@@ -32,7 +32,7 @@ from gateway_actor._provider import (
     retry_after_of,
 )
 from gateway_actor._router import Upstream
-from nerve._errors import UpstreamError
+from nerve import UpstreamError
 
 log = logging.getLogger("nerve.gateway.anthropic")
 
@@ -99,7 +99,10 @@ class AnthropicProvider:
             client = anthropic.AsyncAnthropic(
                 api_key=upstream.api_key or LOCAL_KEY, base_url=upstream.base_url or None,
                 max_retries=0, http_client=http_client,
-                timeout=httpx2.Timeout(self.timeout, connect=self.connect_timeout))
+                timeout=httpx2.Timeout(self.timeout, connect=self.connect_timeout),
+                # The gateway's own span (GenAI conventions, cache usage) covers the call;
+                # the SDK's would be a second one. Trace context still propagates.
+                open_telemetry={"traces": {"enabled": False}})
             self._clients[upstream.name] = client
         return client
 

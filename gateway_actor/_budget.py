@@ -12,7 +12,7 @@ import logging
 from typing import Any, Protocol
 
 from budget_actor import Usage
-from nerve._errors import NerveError
+from nerve import NerveError
 
 log = logging.getLogger("nerve.gateway.budget")
 

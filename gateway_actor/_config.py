@@ -23,11 +23,11 @@ from typing import Any, Literal
 
 from gateway_actor._planner import PlannerConfig
 from gateway_actor._router import BreakerConfig, Policy
-from nerve._errors import ConfigError
+from nerve import ConfigError
 
 ProviderKind = Literal["anthropic", "openai", "scripted"]
 ANTHROPIC_API = "https://api.anthropic.com"
-DEFAULT_CLAUDE = "claude-sonnet-4-5"
+DEFAULT_CLAUDE = "claude-sonnet-4-6"
 SCRIPTED_MODEL = "scripted"
 
 

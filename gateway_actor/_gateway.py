@@ -31,15 +31,12 @@ from urllib.parse import urlparse
 from opentelemetry import trace
 
 from budget_actor import Usage
-from gateway_actor._anthropic import AnthropicProvider
 from gateway_actor._config import GatewayConfig, PoolConfig
-from gateway_actor._openai import OpenAIProvider
 from gateway_actor._planner import CachePlanner, PlannedCall, PrefixBreak, PrefixTracker
 from gateway_actor._protocol import LLMRequest, LLMResponse
 from gateway_actor._provider import Attempt, Provider
 from gateway_actor._router import NoUpstream, Router, Upstream
-from gateway_actor._scripted import ScriptedProvider
-from nerve._errors import ConfigError, InvalidLLMRequest, UpstreamError
+from nerve import ConfigError, InvalidLLMRequest, UpstreamError
 
 log = logging.getLogger("nerve.gateway")
 tracer = trace.get_tracer("nerve.gateway")
@@ -113,11 +110,18 @@ class Gateway:
     def _provider(self, kind: str) -> Provider:
         provider = self._providers.get(kind)
         if provider is None:
+            # Imported here: a gateway loads only the SDKs its pools use.
             if kind == "anthropic":
+                from gateway_actor._anthropic import AnthropicProvider
+
                 provider = AnthropicProvider(timeout=self.config.timeout)
             elif kind == "openai":
+                from gateway_actor._openai import OpenAIProvider
+
                 provider = OpenAIProvider(timeout=self.config.timeout)
             else:
+                from gateway_actor._scripted import ScriptedProvider
+
                 provider = ScriptedProvider(
                     token_delay=self.config.scripted_token_delay,
                     min_cacheable_tokens=self.config.scripted_min_cacheable_tokens)

@@ -24,7 +24,7 @@ from gateway_actor._provider import (
     retry_after_of,
 )
 from gateway_actor._router import Upstream
-from nerve._errors import UpstreamError
+from nerve import UpstreamError
 
 
 def _usage(raw: dict[str, Any] | None) -> Usage | None:

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from budget_actor import Usage
-from nerve._errors import InvalidLLMRequest
+from nerve import InvalidLLMRequest
 
 
 class TextBlock(BaseModel):

@@ -19,7 +19,7 @@ from budget_actor import Usage
 from gateway_actor._planner import PlannedCall
 from gateway_actor._protocol import LLMResponse
 from gateway_actor._router import Upstream
-from nerve._errors import InvalidLLMRequest, NerveError, UpstreamError
+from nerve import InvalidLLMRequest, NerveError, UpstreamError
 
 TextSink = Callable[[str], None]
 

@@ -178,6 +178,23 @@ class RunCancelled(_Event):
     by: str | None = None
 
 
+class RunContinued(_Event):
+    """Continue-as-new: the workflow starts over with ``input``, in the same run.
+
+    Replay starts at the latest ``RunContinued``: a run that lives for weeks replays only its
+    current segment. Step indices keep counting from ``next_index``, so idempotency keys
+    (``<run_id>:<index>``) stay unique for the whole run.
+    """
+
+    type: Literal["run_continued"] = "run_continued"
+    workflow: str
+    version: str
+    input: Any = None
+    next_index: int
+    segment: int
+    buffered_signals: list[dict[str, Any]] = Field(default_factory=list)
+
+
 class RunBlocked(_Event):
     """The run stopped because replay diverged from its history; a person must look."""
 
@@ -217,7 +234,8 @@ class SandboxRestored(_Event):
 Event = Annotated[
     RunStarted | OwnerChanged | StepScheduled | StepCompleted | StepFailed | MarkerRecorded
     | TimerFired | SignalReceived | SignalRejected | SignalTimedOut | CancelRequested
-    | RunCompleted | RunFailed | RunCancelled | RunBlocked | RunPaused | RunResumed
+    | RunCompleted | RunFailed | RunCancelled | RunContinued | RunBlocked | RunPaused
+    | RunResumed
     | SandboxLost | SandboxRestored,
     Field(discriminator="type"),
 ]

@@ -8,7 +8,7 @@ from nats.js.api import ObjectInfo, ObjectMeta
 from nats.js.errors import NotFoundError, ObjectNotFoundError
 
 from bus import Bus
-from nerve._errors import HistoryError
+from nerve import HistoryError
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,7 @@
 """Supervision: OTP-style trees, OS-process children, and leases over the KV bucket."""
 
 from supervisor._events import bus_event_sink
-from supervisor._lease import Lease, LeaseChange, LeaseRecord, lease_keys, watch_leases
+from supervisor._lease import Lease, LeaseChange, LeaseRecord, lease_entries, watch_leases
 from supervisor._process import OsProcess
 from supervisor._tree import ChildSpec, Restart, Strategy, Supervisor, SupervisorEvent
 
@@ -16,6 +16,6 @@ __all__ = [
     "Supervisor",
     "SupervisorEvent",
     "bus_event_sink",
-    "lease_keys",
+    "lease_entries",
     "watch_leases",
 ]

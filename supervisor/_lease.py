@@ -26,7 +26,7 @@ from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from bus import Bus
-from nerve._errors import ConfigError, LeaseHeldError, LeaseLostError
+from nerve import ConfigError, LeaseHeldError, LeaseLostError
 
 log = logging.getLogger("nerve.supervisor.lease")
 
@@ -257,21 +257,22 @@ async def watch_leases(bus: Bus, pattern: str = ">",
             await watcher.stop()
 
 
-async def lease_keys(bus: Bus, pattern: str) -> list[str]:
-    """The live keys matching a subject ``pattern`` (``run.*``) in the leases bucket.
+async def lease_entries(bus: Bus, pattern: str) -> dict[str, tuple[bytes, int]]:
+    """The live keys matching a subject ``pattern`` (``run.*``) in the leases bucket, with
+    their values and revisions, read in one pass.
 
     (nats-py's ``KeyValue.keys(filters=...)`` matches substrings, not subject wildcards.)
     """
     kv = await bus.kv(bus.names.leases_bucket)
-    watcher = await kv.watch(pattern, meta_only=True, ignore_deletes=True)
-    keys: list[str] = []
+    watcher = await kv.watch(pattern, ignore_deletes=True)
+    found: dict[str, tuple[bytes, int]] = {}
     try:
         async for entry in watcher:
             if entry is None:
                 break
-            if entry.operation is None:
-                keys.append(entry.key)
+            if entry.operation is None and entry.value is not None:
+                found[entry.key] = (entry.value, entry.revision or 0)
     finally:
         with contextlib.suppress(NatsClientError):
             await watcher.stop()
-    return keys
+    return found

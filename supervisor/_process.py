@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nerve._errors import ProcessExited
+from nerve import ProcessExited
 
 log = logging.getLogger("nerve.supervisor.process")
 

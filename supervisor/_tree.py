@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from nerve._errors import EscalationError
+from nerve import EscalationError
 
 log = logging.getLogger("nerve.supervisor")
 

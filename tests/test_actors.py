@@ -69,12 +69,12 @@ class Worker(Actor[Job]):
             self.in_flight -= 1
 
 
-async def dead_letters(bus: Bus, n: int) -> list[DeadLetter]:
+async def dead_letters(bus: Bus, n: int, within: float = 10) -> list[DeadLetter]:
     sub = await bus.js.subscribe(bus.names.dead_letter(">"))
     out = []
-    async with asyncio.timeout(10):
+    async with asyncio.timeout(within):
         while len(out) < n:
-            msg = await sub.next_msg(timeout=10)
+            msg = await sub.next_msg(timeout=within)
             out.append(decode(msg.data, DeadLetter))
     await sub.unsubscribe()
     return out
@@ -196,3 +196,42 @@ def test_errors_survive_the_wire() -> None:
     assert type(back) is StaleWriterError and back.run_id == "r1" and back.expected_seq == 4
     again = pickle.loads(pickle.dumps(err))
     assert type(again) is StaleWriterError and again.fields == err.fields
+
+
+@pytest.mark.timeout(90)
+async def test_a_message_that_crashes_its_worker_every_time_is_dead_lettered(
+        bus: Bus, nats_server, tmp_path) -> None:
+    import sys
+
+    from actors import PoisonKeeper
+
+    done = tmp_path / "done.jsonl"
+    keeper = PoisonKeeper()
+    await keeper.start(bus)
+    letters = asyncio.create_task(dead_letters(bus, 1, within=60))
+    await bus.js.publish(bus.names.work_tool, encode({"poison": True}))
+    await bus.js.publish(bus.names.work_tool, encode({"ok": 1}))
+    crashes = 0
+    proc = None
+    for _ in range(6):  # a supervisor restarting the worker, bounded
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tests.crashing_worker", nats_server.url, bus.names.prefix,
+            str(done))
+        try:
+            code = await asyncio.wait_for(proc.wait(), timeout=8)
+        except TimeoutError:
+            break  # it stays up: the poison is no longer delivered
+        assert code == 3
+        crashes += 1
+    assert crashes == 3  # max_deliver
+    [letter] = await asyncio.wait_for(letters, 30)
+    assert "out of deliveries (3)" in letter.reason and letter.consumer == "crasher"
+    assert decode(letter.payload, dict) == {"poison": True}
+    async with asyncio.timeout(10):  # the rest of the queue still flows
+        while not done.exists() or '"ok": 1' not in done.read_text():
+            await asyncio.sleep(0.05)
+    with pytest.raises(Exception):  # noqa: B017 - gone from the work queue
+        await bus.js.get_msg(bus.names.work_stream, letter.stream_seq)
+    proc.kill()
+    await proc.wait()
+    await keeper.stop()

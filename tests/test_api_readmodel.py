@@ -49,8 +49,9 @@ async def test_projections_follow_real_runs_and_rebuild_equal(bus: Bus, tmp_path
             summary = summarize(await client.history(run_id))
             row = await model.get_run(run_id)
             assert row is not None
-            assert (row["status"], row["steps"], row["events"], row["tenant"]) == (
-                summary.status, summary.steps, summary.events, summary.tenant), run_id
+            assert (row["status"], row["steps"], row["events"], row["tenant"],
+                    row["segments"]) == (summary.status, summary.steps, summary.events,
+                                         summary.tenant, summary.segments), run_id
             assert row["result"] == summary.result
         # Costs come from the llm steps' results; spend per tenant is their sum.
         rows = [await model.get_run(r) for r in runs]

@@ -70,6 +70,8 @@ def test_model_names_resolve_with_snapshot_suffixes() -> None:
     assert PRICES.price("claude-sonnet-4-5-20250929") == PRICES.price("claude-sonnet-4-5")
     assert PRICES.price("claude-3-5-haiku-latest").input == Decimal("0.8")
     assert PRICES.price("CLAUDE-HAIKU-4-5").output == Decimal("5")
+    # The offline scripted model costs play money at Sonnet's rates.
+    assert PRICES.price("scripted") == PRICES.price("claude-sonnet-4-5")
     # No loose prefix matching: opus-4 must not price opus-4-5 (a 3x difference).
     assert PRICES.price("claude-opus-4-5").input == Decimal("5")
     assert PRICES.price("claude-opus-4").input == Decimal("15")

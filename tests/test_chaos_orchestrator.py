@@ -20,6 +20,7 @@ import pytest
 
 import tests.chaos_workflows  # noqa: F401 - registers `chaos` and `count` here too
 from bus import Bus, EmbeddedNats
+from nerve import RunNotFound
 from persistence import OwnerChanged, RunHistory, StepCompleted, direct_get_subject
 from persistence._history import H_WRITER
 from workflow import ActivityWorker, NerveClient, Orchestrator, RunRecord, WorkflowRegistry
@@ -63,6 +64,13 @@ async def procs(nats_server: EmbeddedNats, prefix: str, bus: Bus, tmp_path: Path
     yield p
     await p.close()
     await worker.stop()
+
+
+async def is_done(client: NerveClient, run_id: str) -> bool:
+    try:
+        return (await client.summary(run_id)).done
+    except RunNotFound:  # the task is not picked up yet: kills before that count too
+        return False
 
 
 def executions(effects: Path) -> collections.Counter[str]:
@@ -117,17 +125,19 @@ async def test_sigkill_at_every_dangerous_point(bus: Bus, procs: OrchestratorPro
 
 async def test_sigkill_at_random_points_many_times(bus: Bus, procs: OrchestratorProcs) -> None:
     client = NerveClient(bus)
-    steps = 40
+    steps = 60  # ~50 ms of work each: about 3 s of steps, cut by a kill every 0.3-1.2 s
     rng = random.Random(20261124)
-    run_id = await client.submit("acme", workflow="chaos", input={"steps": steps})
-    for n in range(10):
+    run_id = await client.submit("acme", workflow="chaos", input={"steps": steps, "work": 0.05})
+    kills = 0
+    for n in range(12):
         proc = await procs.start(f"orch-{n % 3}")
         await asyncio.sleep(rng.uniform(0.3, 1.2))
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGKILL)
-        await proc.wait()
-        if (await client.summary(run_id)).done:
+        if await is_done(client, run_id):
             break
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+        kills += 1
+    assert kills >= 3, "the run finished before the chaos started"
     await procs.start("orch-final")
     await check_run(bus, client, run_id, steps, procs.effects)
 
@@ -162,3 +172,39 @@ async def test_two_orchestrators_race_for_an_orphaned_run(bus: Bus) -> None:
         await client.signal(run_id, "go", round_)
         assert (await client.wait(run_id, timeout=10)).result == round_
         await asyncio.gather(a.stop(), b.stop())
+
+
+async def test_continue_as_new_survives_kills_and_replays_only_its_segment(
+        bus: Bus, procs: OrchestratorProcs) -> None:
+    from persistence import RunContinued
+    from workflow import replay_run
+
+    client = NerveClient(bus)
+    steps, per = 40, 7
+    run_id = await client.submit("acme", workflow="chaos_segments",
+                                 input={"steps": steps, "per_segment": per, "work": 0.03})
+    kills = 0
+    for n in range(4):
+        proc = await procs.start(f"seg-{n % 2}")
+        await client.wait(run_id, timeout=30, statuses=("running",))
+        await asyncio.sleep(0.6)
+        if (await client.summary(run_id)).done:
+            break
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+        kills += 1
+    assert kills >= 2
+    await procs.start("seg-final")
+    summary = await client.wait(run_id, timeout=60)
+    assert summary.result == {"total": sum(i * i for i in range(steps)), "segments": 5}
+    assert summary.segments == 6  # 40 steps in segments of 7
+    done = executions(procs.effects)
+    mine = {k: n for k, n in done.items() if k.startswith(run_id + ":")}
+    assert len(mine) == steps and all(n == 1 for n in mine.values()), mine
+    events = await RunHistory(bus, run_id).read()
+    continued = [e for e in events if isinstance(e, RunContinued)]
+    assert [c.segment for c in continued] == [1, 2, 3, 4, 5]
+    # Indices keep counting across segments: keys stay unique for the whole run.
+    assert continued[-1].next_index == 35
+    report = await replay_run(bus, run_id)
+    assert report.deterministic, report.describe()

@@ -19,8 +19,11 @@ from workflow import (
     Orchestrator,
     RunContext,
     WorkflowRegistry,
+    assert_replays,
+    load_history,
+    replay_history,
+    replay_run,
 )
-from workflow._replay import assert_replays, load_history, replay_history, replay_run
 
 GOLDEN = Path(__file__).parent / "golden"
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from actors import StepResult, WorkItem, decode, encode
-from budget_actor import Usage
+from budget_actor import PRICES, Ledger, Limits
 from bus import Bus
 from gateway_actor import (
     CostEvent,
@@ -26,65 +26,33 @@ from gateway_actor import (
     Message,
     UpstreamConfig,
 )
-from nerve import BudgetExceeded
+from gateway_actor._role import run_gateway
 from persistence import StreamEvent
 from tests._gateway_util import SYSTEM, TOOLS
 
 
-# -- a stand-in for budget_actor.Ledger / PRICES --------------------------------------------
-# STAND-IN: the budget actor (budget_actor.Ledger, PRICES) is being built in parallel; until
-# it lands on main these tests drive the gateway's BudgetLedger seam with this minimal
-# in-memory ledger. It enforces a limit and records calls, nothing more.
-@dataclass
-class _Reservation:
-    id: str
-    tenant: str
-    amount: float
+# -- the real ledger, with a log of what the gateway asked of it -------------------------
+class RecordingLedger:
+    """``budget_actor.Ledger`` itself; each call is also written down for the assertions."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+
+    async def reserve(self, tenant: str, **kwargs: Any) -> Any:
+        self.calls.append(("reserve", dict(tenant=tenant, **kwargs)))
+        return await self.ledger.reserve(tenant, **kwargs)
+
+    async def settle(self, reservation_id: str, **kwargs: Any) -> Any:
+        self.calls.append(("settle", dict(id=reservation_id, **kwargs)))
+        return await self.ledger.settle(reservation_id, **kwargs)
+
+    async def release(self, reservation_id: str, **kwargs: Any) -> Any:
+        self.calls.append(("release", dict(id=reservation_id, **kwargs)))
+        return await self.ledger.release(reservation_id, **kwargs)
 
 
-@dataclass
-class _Settlement:
-    cost_usd: float
-
-
-class StandInPrices:
-    version = "test-1"
-
-    def cost(self, model: str, usage: Usage) -> float:
-        per = 3e-6
-        return (usage.input_tokens * per + usage.cache_creation_5m_input_tokens * per * 1.25
-                + usage.cache_creation_1h_input_tokens * per * 2
-                + usage.cache_read_input_tokens * per * 0.1 + usage.output_tokens * per * 5)
-
-
-@dataclass
-class StandInLedger:
-    limit_usd: float = 1.0
-    reserved: dict[str, _Reservation] = field(default_factory=dict)
-    calls: list[tuple[str, Any]] = field(default_factory=list)
-    spent: float = 0.0
-
-    async def reserve(self, tenant: str, *, run_id: str, model: str, input_tokens: int,
-                      max_output_tokens: int, key: str) -> _Reservation:
-        self.calls.append(("reserve", dict(tenant=tenant, run_id=run_id, model=model,
-                                           input_tokens=input_tokens,
-                                           max_output_tokens=max_output_tokens, key=key)))
-        worst = StandInPrices().cost(model, Usage(cache_creation_1h_input_tokens=input_tokens,
-                                                  output_tokens=max_output_tokens))
-        if self.spent + worst > self.limit_usd:
-            raise BudgetExceeded(f"tenant {tenant} is over budget", tenant=tenant)
-        res = self.reserved.setdefault(key, _Reservation(f"res-{key}", tenant, worst))
-        return res
-
-    async def settle(self, reservation_id: str, *, tenant: str, model: str,
-                     usage: Usage, run_id: str | None = None) -> _Settlement:
-        self.calls.append(("settle", dict(id=reservation_id, usage=usage)))
-        cost = StandInPrices().cost(model, usage)
-        self.spent += cost
-        return _Settlement(cost)
-
-    async def release(self, reservation_id: str, *, tenant: str) -> None:
-        self.calls.append(("release", dict(id=reservation_id)))
+CLAUDE = "claude-sonnet-4-6"  # a model the price table knows (the local upstream serves any)
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -151,7 +119,7 @@ async def upstream() -> AsyncIterator[LocalUpstream]:
 
 # -- tests --------------------------------------------------------------------------------
 async def test_a_work_item_comes_back_as_a_step_result_with_token_events(bus: Bus) -> None:
-    actor = await start(bus, GatewayConfig.scripted(), prices=StandInPrices())
+    actor = await start(bus, GatewayConfig.scripted())  # prices: budget_actor.PRICES
     costs: list[CostEvent] = []
     got_cost = asyncio.Event()
 
@@ -180,8 +148,8 @@ async def test_a_work_item_comes_back_as_a_step_result_with_token_events(bus: Bu
         assert (cost.run_id, cost.tenant, cost.key, cost.model) == (
             "run-a", "acme", "run-a:4", "scripted")
         assert cost.tokens["output"] == response.usage.output_tokens > 0
-        assert cost.cost_usd == pytest.approx(StandInPrices().cost("scripted", response.usage))
-        assert cost.price_version == "test-1" and cost.ok
+        assert cost.cost_usd == pytest.approx(PRICES.cost("scripted", response.usage))
+        assert cost.price_version == PRICES.version and cost.ok
     finally:
         await cost_sub.unsubscribe()
         await actor.stop()
@@ -240,8 +208,8 @@ async def test_an_invalid_request_is_rejected_clearly_and_not_retried(
 
 
 async def test_budget_is_reserved_before_and_settled_after(bus: Bus) -> None:
-    ledger = StandInLedger()
-    actor = await start(bus, GatewayConfig.scripted(), ledger=ledger, prices=StandInPrices())
+    ledger = RecordingLedger(Ledger(bus))
+    actor = await start(bus, GatewayConfig.scripted(), ledger=ledger)
     try:
         async with Watch(bus, "run-d") as watch:
             await submit(bus, item(bus, "run-d", llm_args("What is 2 + 2?", max_tokens=321)))
@@ -252,27 +220,31 @@ async def test_budget_is_reserved_before_and_settled_after(bus: Bus) -> None:
         assert (kind1, kind2) == ("reserve", "settle")
         assert reserve["key"] == "run-d:1" and reserve["max_output_tokens"] == 321
         assert reserve["input_tokens"] >= response.usage.total_input_tokens  # worst case
-        assert settle["id"] == "res-run-d:1" and settle["usage"] == response.usage
-        assert response.cost_usd == pytest.approx(ledger.spent) and ledger.spent > 0
+        assert settle["usage"] == response.usage and settle["run_id"] == "run-d"
+        assert response.cost_usd == pytest.approx(PRICES.cost("scripted", response.usage))
+        assert response.cost_usd and response.cost_usd > 0
 
-        ledger.limit_usd = ledger.spent  # nothing left
+        # A tenant with (almost) nothing to spend: refused before any model call.
+        await ledger.ledger.set_limits("poor", Limits(usd_per_day=0.000001,
+                                                      on_exhaustion="refuse"))
         provider = actor.gateway.pools["scripted"].provider
         before = provider.calls  # type: ignore[attr-defined]
         async with Watch(bus, "run-e") as watch:
-            await submit(bus, item(bus, "run-e", llm_args("What is 3 + 3?")))
+            await submit(bus, item(bus, "run-e", llm_args("What is 3 + 3?"), tenant="poor"))
             refused = await watch.result()
         assert not refused.ok and refused.error is not None
         assert refused.error["type"] == "BudgetExceeded"
         assert provider.calls == before  # type: ignore[attr-defined]
     finally:
         await actor.stop()
+        await ledger.ledger.close()
 
 
 async def test_a_stream_cut_and_retried_is_charged_once(bus: Bus,
                                                          upstream: LocalUpstream) -> None:
-    ledger = StandInLedger()
-    actor = await start(bus, GatewayConfig.for_urls(upstream.urls[:1], model="claude-test"),
-                        ledger=ledger, prices=StandInPrices())
+    ledger = RecordingLedger(Ledger(bus))
+    actor = await start(bus, GatewayConfig.for_urls(upstream.urls[:1], model=CLAUDE),
+                        ledger=ledger)
     upstream.replica(0).inject(Fault("midstream", after_events=10))
     try:
         async with Watch(bus, "run-m") as watch:
@@ -284,6 +256,7 @@ async def test_a_stream_cut_and_retried_is_charged_once(bus: Bus,
         kinds = [k for k, _ in ledger.calls]
         assert kinds == ["reserve", "settle"]  # one reservation, settled once
         assert ledger.calls[1][1]["usage"] == response.usage
+        assert response.cost_usd == pytest.approx(PRICES.cost(CLAUDE, response.usage))
         text = ""
         for data in watch.tokens:
             text = text[: data["offset"]] + data["text"]
@@ -291,13 +264,13 @@ async def test_a_stream_cut_and_retried_is_charged_once(bus: Bus,
         assert sum(len(t["text"]) for t in watch.tokens) == len(response.text)
     finally:
         await actor.stop()
+        await ledger.ledger.close()
 
 
 async def test_a_tenant_kill_cuts_its_in_flight_stream(bus: Bus) -> None:
     async with LocalUpstream(UpstreamConfig(decode_per_token=0.002)) as up:
-        ledger = StandInLedger()
-        actor = await start(bus, GatewayConfig.for_urls(up.urls, model="claude-test"),
-                            ledger=ledger, prices=StandInPrices())
+        ledger = RecordingLedger(Ledger(bus))
+        actor = await start(bus, GatewayConfig.for_urls(up.urls, model=CLAUDE), ledger=ledger)
         try:
             async with Watch(bus, "run-k") as watch, Watch(bus, "run-other") as other:
                 # 3000 words at 2 ms per token: about half a minute if it were not cut.
@@ -305,9 +278,7 @@ async def test_a_tenant_kill_cuts_its_in_flight_stream(bus: Bus) -> None:
                 await submit(bus, item(bus, "run-other", llm_args("[scripted:long 30] go"),
                                        tenant="other"))
                 await asyncio.wait_for(watch.first_token.wait(), 20)
-                await bus.nc.publish(bus.names.tenant_kill("acme"),
-                                     encode({"tenant": "acme", "reason": "over budget",
-                                             "by": "test", "at": 0.0, "policy": "cancel"}))
+                await ledger.ledger.kill("acme", reason="over budget", by="test")
                 result = await watch.result()
                 assert not result.ok and result.error is not None
                 assert result.error["type"] == "TenantKilled"
@@ -317,21 +288,23 @@ async def test_a_tenant_kill_cuts_its_in_flight_stream(bus: Bus) -> None:
             assert 0 < len(seen.split()) < 3000
             assert up.replica(0).stats.disconnects == 1  # the upstream saw the client leave
             # What was consumed before the cut is settled, not the reserved worst case.
-            settles = [c for k, c in ledger.calls if k == "settle"]
-            cut = next(s for s in settles if s["id"] == "res-run-k:1")
-            assert 0 < cut["usage"].output_tokens < 3000
+            reserved = {c["key"]: c for k, c in ledger.calls if k == "reserve"}
+            assert "run-k:1" in reserved
+            settles = [c for k, c in ledger.calls if k == "settle" and c["run_id"] == "run-k"]
+            assert len(settles) == 1 and 0 < settles[0]["usage"].output_tokens < 3000
             # New work of the killed tenant is refused until a reset.
             async with Watch(bus, "run-k2") as again:
                 await submit(bus, item(bus, "run-k2", llm_args("What is 1 + 1?")))
                 refused = await again.result()
             assert not refused.ok and refused.error["type"] == "TenantKilled"  # type: ignore
-            await bus.nc.publish(bus.names.tenant_reset("acme"), b"{}")
+            await ledger.ledger.reset("acme", by="test")
             await bus.nc.flush()
             async with Watch(bus, "run-k3") as after:
                 await submit(bus, item(bus, "run-k3", llm_args("What is 1 + 1?")))
                 assert (await after.result()).ok
         finally:
             await actor.stop()
+            await ledger.ledger.close()
 
 
 @pytest.mark.timeout(90)
@@ -369,11 +342,80 @@ async def test_a_gateway_killed_mid_stream_loses_nothing_and_shows_nothing_twice
             assert text == response.text
             assert up.replica(0).stats.requests == 2 and up.replica(0).stats.disconnects == 1
             inbox = bus.names.inbox("run-x")
-            info = await bus.js.stream_info(bus.names.runs_stream, subjects_filter=inbox)
-            assert (info.state.subjects or {}).get(inbox) == 1  # one result for the step
+
+            async def stored() -> int:
+                info = await bus.js.stream_info(bus.names.runs_stream, subjects_filter=inbox)
+                return (info.state.subjects or {}).get(inbox, 0)
+
+            # The watcher sees the result as it is published; the store is a moment later.
+            async with asyncio.timeout(10):
+                while await stored() == 0:
+                    await asyncio.sleep(0.02)
+            await asyncio.sleep(0.5)
+            assert await stored() == 1  # one result for the step
         finally:
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
             if survivor is not None:
                 await survivor.stop()
+
+
+async def test_the_gateway_role_serves_until_cancelled(bus: Bus) -> None:
+    @dataclass
+    class Opts:
+        id: str = "gw-role"
+        settings: dict[str, Any] = field(default_factory=lambda: {"instances": 2})
+
+    task = asyncio.create_task(run_gateway(bus, Opts()))
+    try:
+        async with Watch(bus, "run-role") as watch:
+            await submit(bus, item(bus, "run-role", llm_args("What is 5 * 5?")))
+            result = await watch.result()
+        assert result.ok and result.worker.startswith("gw-role-")
+        assert LLMResponse.model_validate(result.result).tool_uses[0].name == "write_file"
+    finally:
+        task.cancel()
+        await asyncio.wait({task})
+    assert task.cancelled()
+
+
+async def test_a_step_past_its_deadline_is_not_sent_to_the_model(bus: Bus) -> None:
+    actor = await start(bus, GatewayConfig.scripted())
+    provider = actor.gateway.pools["scripted"].provider
+    try:
+        async with Watch(bus, "run-late") as watch:
+            late = item(bus, "run-late", llm_args("What is 1 + 1?"))
+            late.deadline = 1.0  # long gone
+            await submit(bus, late)
+            result = await watch.result()
+        assert not result.ok and result.error is not None
+        assert "deadline" in result.error["message"] and result.error["retryable"] is False
+        assert provider.calls == 0  # type: ignore[attr-defined]
+    finally:
+        await actor.stop()
+
+
+async def test_without_a_ledger_kill_notices_alone_refuse_and_reset(bus: Bus) -> None:
+    actor = await start(bus, GatewayConfig.scripted())
+    try:
+        await bus.nc.publish(bus.names.tenant_kill("acme"), encode(
+            {"tenant": "acme", "reason": "by hand", "by": "test", "at": 0.0, "policy": "kill"}))
+        await bus.nc.flush()
+        async with asyncio.timeout(10):
+            while "acme" not in actor._killed:
+                await asyncio.sleep(0.01)
+        async with Watch(bus, "run-n") as watch:
+            await submit(bus, item(bus, "run-n", llm_args("What is 1 + 1?")))
+            refused = await watch.result()
+        assert not refused.ok and refused.error["type"] == "TenantKilled"  # type: ignore
+        assert "by hand" in refused.error["message"]  # type: ignore[index]
+        await bus.nc.publish(bus.names.tenant_reset("acme"), b"{}")
+        async with asyncio.timeout(10):
+            while "acme" in actor._killed:
+                await asyncio.sleep(0.01)
+        async with Watch(bus, "run-o") as watch:
+            await submit(bus, item(bus, "run-o", llm_args("What is 1 + 1?")))
+            assert (await watch.result()).ok
+    finally:
+        await actor.stop()

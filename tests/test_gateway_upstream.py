@@ -262,3 +262,19 @@ async def test_nerve_upstream_command_serves_the_sdk() -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 30) == 0
+
+
+async def test_faults_can_be_queued_over_http(upstream: LocalUpstream) -> None:
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{upstream.urls[0]}/_nerve/faults",
+                          json={"faults": [{"kind": "429", "retry_after": 7}]}) as resp:
+            assert (await resp.json())["queued"] == 1
+        with pytest.raises(anthropic.RateLimitError) as err:
+            await sdk(upstream.urls[0]).messages.create(**body())
+        assert err.value.response.headers["retry-after"] == "7"
+        async with s.get(f"{upstream.urls[0]}/_nerve/stats") as resp:
+            stats = await resp.json()
+        assert stats["faults"] == 1 and stats["errors"] == {"429": 1}
+        async with s.post(f"{upstream.urls[0]}/_nerve/reset") as resp:
+            assert (await resp.json())["reset"]
+    assert upstream.replica(0).stats.requests == 0

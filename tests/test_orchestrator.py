@@ -201,3 +201,102 @@ async def test_a_timer_survives_a_sigkill_and_fires_once(bus: Bus, nats_server: 
     assert len(fired) == 1
     scheduled = next(e for e in events if getattr(e, "kind", None) == "timer")
     assert fired[0].at >= scheduled.deadline  # it did not fire early after the restart
+
+
+@registry.register(name="late")
+async def late(ctx: RunContext, inp: dict[str, Any]) -> Any:
+    first = await ctx.wait_signal("approve", timeout=0.2, default="no answer")
+    await ctx.wait_signal("finish", timeout=60)  # still running when the late one comes
+    return first.value
+
+
+async def test_a_late_signal_is_recorded_as_expired_and_changes_nothing(
+        engine: NerveClient) -> None:
+    from persistence import SignalRejected, SignalTimedOut
+
+    run_id = await engine.submit("acme", workflow="late", input={})
+    await engine.wait(run_id, timeout=20, statuses=("waiting",))
+    async with asyncio.timeout(20):
+        while not any(isinstance(e, SignalTimedOut) for e in await engine.history(run_id)):
+            await asyncio.sleep(0.05)
+    await engine.signal(run_id, "approve", "too late", sender="slow-sam")
+    async with asyncio.timeout(20):
+        while not any(isinstance(e, SignalRejected) for e in await engine.history(run_id)):
+            await asyncio.sleep(0.05)
+    await engine.signal(run_id, "finish", None)
+    summary = await engine.wait(run_id, timeout=20)
+    assert summary.result == "no answer"  # the timeout won; the late signal changed nothing
+    [rejected] = [e for e in await engine.history(run_id) if isinstance(e, SignalRejected)]
+    assert rejected.sender == "slow-sam" and rejected.reason.startswith("late")
+
+
+async def test_a_task_in_msgpack_starts_a_run(engine: NerveClient, bus: Bus,
+                                              nats_server: EmbeddedNats) -> None:
+    import msgpack
+
+    nc = await nats.connect(nats_server.url)
+    await nc.publish(bus.names.tasks("packed"), msgpack.packb({"task": "binary"}),
+                     headers={"Content-Type": "application/msgpack"})
+    await nc.publish(bus.names.tasks("packed"), msgpack.packb({"task": "sniffed"}))
+    await nc.close()
+    runs = await wait_for_runs(bus, "packed", 2)
+    results = sorted([(await engine.wait(r, timeout=20)).result for r in runs])
+    assert results == ["BINARY", "SNIFFED"]
+
+
+@acts.register
+async def hangs(actx: ActivityContext) -> str:
+    if actx.attempt == 1:
+        await asyncio.sleep(3600)  # alive but silent: as a hung worker would be
+    return f"attempt {actx.attempt}"
+
+
+@registry.register(name="heartbeats")
+async def heartbeats(ctx: RunContext, inp: dict[str, Any]) -> Any:
+    from workflow import RetryPolicy
+
+    return await ctx.activity(hangs, retry=RetryPolicy(max_attempts=2, timeout=1.5,
+                                                       initial_interval=0.05))
+
+
+async def test_a_step_past_its_timeout_is_retried(engine: NerveClient) -> None:
+    from persistence import StepFailed
+
+    run_id = await engine.submit("acme", workflow="heartbeats", input={})
+    summary = await engine.wait(run_id, timeout=30)
+    assert summary.result == "attempt 2"
+    [failed] = [e for e in await engine.history(run_id) if isinstance(e, StepFailed)]
+    assert failed.error["type"] == "StepTimeout" and not failed.final
+
+
+@pytest.mark.timeout(90)
+async def test_a_silent_worker_is_noticed_by_its_heartbeat_timeout(
+        bus: Bus, nats_server: EmbeddedNats, tmp_path) -> None:
+    import tests.hb_activities  # noqa: F401 - registers `hb` here too
+    from persistence import StepFailed
+
+    async def worker(n: int) -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "cli", "worker", "--role", "activity", "--id", f"hbw{n}",
+            "--nats-url", nats_server.url, "--prefix", bus.names.prefix,
+            "--workflows", "tests.hb_activities", stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL)
+
+    workers = [await worker(1), await worker(2)]
+    orch = Orchestrator(bus, "hb-o")
+    await orch.start()
+    client = NerveClient(bus)
+    try:
+        run_id = await client.submit("acme", workflow="hb",
+                                     input={"marker": str(tmp_path / "died")})
+        summary = await client.wait(run_id, timeout=60)
+    finally:
+        await orch.stop()
+        for w in workers:
+            if w.returncode is None:
+                w.terminate()
+            await w.wait()
+    assert summary.result == "attempt 2"
+    [failed] = [e for e in await client.history(run_id) if isinstance(e, StepFailed)]
+    assert failed.error["type"] == "HeartbeatTimeout"
+    assert sorted(w.returncode for w in workers)[0] == -signal.SIGKILL  # one worker died

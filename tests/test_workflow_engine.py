@@ -182,3 +182,78 @@ async def test_markers_and_completed_steps_are_in_the_history(
     events = await client.history(run_id)
     assert any(isinstance(e, MarkerRecorded) and e.kind == "uuid" for e in events)
     assert [e.result for e in events if isinstance(e, StepCompleted) and e.index == 0] == [3]
+
+
+@wf.register(name="segmented")
+async def segmented(ctx: RunContext, inp: dict[str, Any]) -> Any:
+    n = inp.get("n", 0)
+    await ctx.activity(add, n, 1)
+    if n < 3:
+        ctx.continue_as_new({"n": n + 1})
+    return (await ctx.wait_signal("finish", timeout=60)).value
+
+
+async def test_a_takeover_replays_only_the_latest_segment(bus: Bus) -> None:
+    from persistence import RunContinued, RunHistory
+    from workflow import RunRecord
+
+    client = NerveClient(bus)
+    worker = ActivityWorker(acts)
+    await worker.start(bus)
+    first = Orchestrator(bus, "seg-a", registry=wf, host_ttl=1)
+    await first.start()
+    run_id = await client.submit("acme", workflow="segmented", input={"n": 0})
+    await client.wait(run_id, timeout=20, statuses=("waiting",))
+    kv = await bus.kv(bus.names.leases_bucket)
+    record = RunRecord.decode((await kv.get(bus.names.run_lease(run_id))).value)
+    last_segment_seq = 0
+    async for seq, _h, events in RunHistory(bus, run_id).records():
+        if any(isinstance(e, RunContinued) for e in events):
+            last_segment_seq = seq
+    assert record.replay_from == last_segment_seq > 0
+    await first.stop()
+
+    second = Orchestrator(bus, "seg-b", registry=wf, host_ttl=1)
+    await second.start()
+    async with asyncio.timeout(10):
+        while run_id not in second.drivers or second.drivers[run_id].instance is None:
+            await asyncio.sleep(0.02)
+    driver = second.drivers[run_id]
+    assert driver.instance.segment is not None and driver.instance.segment.segment == 3
+    await client.signal(run_id, "finish", "done")
+    assert (await client.wait(run_id, timeout=20)).result == "done"
+    await second.stop()
+    await worker.stop()
+
+
+LOCAL_CALLS: collections.Counter[str] = collections.Counter()
+
+
+@acts.register
+async def local_flaky(actx: ActivityContext, fail_until: int) -> int:
+    LOCAL_CALLS[actx.key] += 1
+    if actx.attempt < fail_until:
+        raise RuntimeError(f"local attempt {actx.attempt}")
+    return actx.attempt
+
+
+@wf.register(name="local_steps")
+async def local_steps(ctx: RunContext, inp: dict[str, Any]) -> Any:
+    a = await ctx.activity(add, 20, 22, local=True)
+    b = await ctx.activity(local_flaky, 2, local=True,
+                           retry=RetryPolicy(max_attempts=3, initial_interval=0.05))
+    return [a, b]
+
+
+async def test_local_activities_run_in_the_orchestrator_with_the_same_contract(bus: Bus) -> None:
+    orch = Orchestrator(bus, "orch-local", registry=wf, activities=acts)
+    await orch.start()  # no activity worker at all: local steps must not need one
+    client = NerveClient(bus)
+    run_id = await client.submit("acme", workflow="local_steps", input={})
+    summary = await client.wait(run_id, timeout=20)
+    assert summary.result == [42, 2]
+    events = await client.history(run_id)
+    failed = [e for e in events if isinstance(e, StepFailed)]
+    assert [(f.index, f.attempt, f.final) for f in failed] == [(1, 1, False)]
+    assert LOCAL_CALLS[f"{run_id}:1"] == 2 and CALLS[f"{run_id}:0"] == 1
+    await orch.stop()

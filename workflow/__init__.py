@@ -17,6 +17,14 @@ from workflow._instance import InstanceState, Signal, WorkflowInstance
 from workflow._loop import WorkflowSandboxViolation
 from workflow._orchestrator import Orchestrator, RunRecord
 from workflow._policy import DEFAULT_POLICIES, RetryPolicy
+from workflow._replay import (
+    ReplayReport,
+    assert_replays,
+    load_history,
+    replay_history,
+    replay_run,
+    save_history,
+)
 
 __all__ = [
     "DEFAULT_POLICIES",
@@ -27,6 +35,7 @@ __all__ = [
     "InstanceState",
     "NerveClient",
     "Orchestrator",
+    "ReplayReport",
     "RetryPolicy",
     "RunContext",
     "RunRecord",
@@ -39,7 +48,12 @@ __all__ = [
     "WorkflowSandboxViolation",
     "activities",
     "activity",
+    "assert_replays",
     "call_digest",
+    "load_history",
+    "replay_history",
+    "replay_run",
+    "save_history",
     "summarize",
     "workflow",
     "workflows",

@@ -27,6 +27,15 @@ class ActivityContext:
     name: str
 
 
+async def call_activity(fn: Any, actx: ActivityContext, args: Any) -> Any:
+    """Call an activity function: coroutines on the loop, plain functions in a thread."""
+    positional = (args or {}).get("args", [])
+    keywords = (args or {}).get("kwargs", {})
+    if inspect.iscoroutinefunction(fn):
+        return await fn(actx, *positional, **keywords)
+    return await asyncio.to_thread(fn, actx, *positional, **keywords)
+
+
 class ActivityWorker(StepWorker):
     """Pulls ``nerve.work.activity`` and runs the registered function for each item.
 
@@ -49,8 +58,4 @@ class ActivityWorker(StepWorker):
         fn = self.registry.get(item.name)
         actx = ActivityContext(item.key, item.run_id, item.tenant, item.index, item.attempt,
                                item.name)
-        args = (item.args or {}).get("args", [])
-        kwargs = (item.args or {}).get("kwargs", {})
-        if inspect.iscoroutinefunction(fn):
-            return await fn(actx, *args, **kwargs)
-        return await asyncio.to_thread(fn, actx, *args, **kwargs)
+        return await call_activity(fn, actx, item.args)

@@ -20,7 +20,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from gateway_actor import LLMRequest, Message, ToolResultBlock, ToolSpec, ToolUseBlock
-from nerve._errors import StepError
+from nerve import StepError
 from persistence import args_digest
 from workflow._context import RunContext
 from workflow._definition import workflow
@@ -146,7 +146,7 @@ async def agent(ctx: RunContext, inp: AgentInput) -> dict[str, Any]:
     waits_for_human = any(s.requires_approval for s in specs)
 
     def finish(reason: str, turns: int) -> dict[str, Any]:
-        ctx.emit("status", status="finishing", reason=reason)
+        ctx.emit("progress", stop=reason, turns=turns)
         return {"answer": answer, "stop": reason, "turns": turns, "tokens": used_tokens}
 
     for turn in range(1, inp.max_turns + 1):

@@ -10,7 +10,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 
 from actors import encode, encode_json, new_id
 from bus import Bus, check_token
-from nerve._errors import RunNotFound, WorkflowError
+from nerve import RunNotFound, WorkflowError
 from persistence import (
     CancelMessage,
     Event,
@@ -20,6 +20,7 @@ from persistence import (
     RunBlocked,
     RunCancelled,
     RunCompleted,
+    RunContinued,
     RunFailed,
     RunHistory,
     RunPaused,
@@ -54,6 +55,7 @@ class RunSummary:
     events: int = 0
     waiting_for: list[str] = field(default_factory=list)
     blocked: dict[str, Any] | None = None
+    segments: int = 1
 
     @property
     def done(self) -> bool:
@@ -78,6 +80,9 @@ def summarize(events: list[Event]) -> RunSummary:
         elif isinstance(ev, SignalTimedOut | StepCompleted) or (
                 isinstance(ev, StepFailed) and ev.final):
             waits.pop(ev.index, None)
+        elif isinstance(ev, RunContinued):
+            s.segments += 1
+            waits.clear()
         elif isinstance(ev, RunPaused):
             s.status = "paused"
         elif isinstance(ev, RunResumed):

@@ -6,13 +6,13 @@ import random as _random
 import time
 import uuid as _uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from pydantic import BaseModel
 
 from bus import Names
 from gateway_actor import LLMRequest, LLMResponse
-from workflow._instance import Signal, WorkflowInstance
+from workflow._instance import ContinueAsNew, Signal, WorkflowInstance
 from workflow._policy import DEFAULT_POLICIES, RetryPolicy
 
 ACTIVITY_ATTR = "__nerve_activity__"
@@ -102,16 +102,24 @@ class RunContext:
 
     # -- steps -------------------------------------------------------------------------------
     async def activity(self, fn: str | Callable[..., Any], *args: Any,
-                       retry: RetryPolicy | None = None, **kwargs: Any) -> Any:
+                       retry: RetryPolicy | None = None, local: bool = False,
+                       **kwargs: Any) -> Any:
         """Run a user-defined activity on an activity worker; it receives the step's
-        idempotency key (``<run_id>:<index>``) in its :class:`ActivityContext`."""
+        idempotency key (``<run_id>:<index>``) in its :class:`ActivityContext`.
+
+        ``local=True`` runs it inside the orchestrator that owns the run (like Temporal's
+        local activities): no hop to a worker, same history, retries and idempotency key.
+        For short, cheap effects; the activity must be registered in the orchestrator.
+        """
         policy = self._policy("activity", retry)
         meta: dict[str, Any] = {}
-        if policy.heartbeat_timeout:
+        if policy.heartbeat_timeout and not local:
             meta["heartbeat_timeout"] = policy.heartbeat_timeout
+        if local:
+            meta["local"] = True
         return await self._instance.issue(
             "activity", activity_name(fn), {"args": list(args), "kwargs": kwargs},
-            policy=policy, subject=self._names.work_activity, meta=meta)
+            policy=policy, subject=None if local else self._names.work_activity, meta=meta)
 
     async def llm(self, request: LLMRequest | dict[str, Any], *,
                   retry: RetryPolicy | None = None) -> LLMResponse:
@@ -159,6 +167,12 @@ class RunContext:
     def uuid(self) -> str:
         """A random UUID, recorded."""
         return str(self._instance.marker("uuid", "", lambda: str(_uuid.uuid4())))
+
+    def continue_as_new(self, input: Any = None) -> NoReturn:
+        """End this segment of the run and start the workflow over with ``input``, in the
+        same run. A run that lives for weeks calls this now and then so that a takeover
+        replays only its latest segment."""
+        raise ContinueAsNew(_plain(input))
 
     def patched(self, change_id: str) -> bool:
         """True where new code should run: always for new runs, and for old histories only

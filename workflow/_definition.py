@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from nerve._errors import ConfigError, TaskRejected, WorkflowNotFound
+from nerve import ConfigError, TaskRejected, WorkflowNotFound
 from workflow._context import ACTIVITY_ATTR
 
 

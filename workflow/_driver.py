@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from nats.errors import Error as NatsClientError
+from opentelemetry import trace
 
-from actors import StepResult, WorkItem, decode, encode
-from actors._work import H_HEARTBEAT
-from nerve._errors import CodecError, HistoryError, NerveError, StaleWriterError, WorkflowNotFound
+from actors import H_HEARTBEAT, Envelope, StepResult, WorkItem, decode, encode
+from nerve import CodecError, HistoryError, NerveError, StaleWriterError, WorkflowNotFound
 from persistence import (
     INBOX_ADAPTER,
     TERMINAL_TYPES,
@@ -40,6 +40,7 @@ from persistence import (
     PauseMessage,
     ResumeMessage,
     RunBlocked,
+    RunContinued,
     RunHistory,
     RunPaused,
     RunResumed,
@@ -62,6 +63,7 @@ from workflow._chaos import crash_point
 from workflow._context import RunContext
 from workflow._instance import Command, InstanceState, WorkflowInstance
 from workflow._policy import DEFAULT_POLICIES, RetryPolicy
+from workflow._tracing import end_step_span, start_step_span
 
 if TYPE_CHECKING:
     from workflow._orchestrator import Orchestrator
@@ -117,6 +119,7 @@ class _Open:
     dispatched: bool = False
     last_heartbeat: float = 0.0
     timers: list[asyncio.TimerHandle] = field(default_factory=list)
+    span: Any = None  # this attempt's OpenTelemetry span
 
     def cancel_timers(self) -> None:
         for handle in self.timers:
@@ -128,13 +131,14 @@ class RunDriver:
     """Drives one run while its orchestrator owns it (see the module docstring)."""
 
     def __init__(self, orchestrator: Orchestrator, run_id: str, epoch: int, takeover: bool,
-                 ) -> None:
+                 replay_from: int = 0) -> None:
         self.orch = orchestrator
         self.bus = orchestrator.bus
         self.names = orchestrator.bus.names
         self.run_id = run_id
         self.epoch = epoch
         self.takeover = takeover
+        self.replay_from = replay_from
         self.history = RunHistory(self.bus, run_id, writer=f"{orchestrator.owner_id}:{epoch}")
         self.instance: WorkflowInstance | None = None
         self.started: RunStarted | None = None
@@ -232,12 +236,14 @@ class RunDriver:
     # -- replay -------------------------------------------------------------------------------
     async def _replay(self) -> bool:
         """Rebuild the run from its history. False if there is nothing (left) to drive."""
-        events = await self.history.read()
-        if not events or not isinstance(events[0], RunStarted):
+        # A run that continued as new replays only its current segment.
+        self.started = await self.history.first()
+        events = await self.history.read(max(0, self.replay_from - 1)) if self.replay_from \
+            else await self.history.read()
+        if self.started is None or not events:
             log.error("run %s has no history to drive", self.run_id)
             self.status = "missing"
             return False
-        self.started = events[0]
         if events[-1].type in TERMINAL_TYPES:
             # It ended but its record outlived it (the owner died right after the end).
             self.status = events[-1].type.removeprefix("run_")
@@ -252,11 +258,13 @@ class RunDriver:
         except WorkflowNotFound as exc:
             await self._block_once(events, exc.message, {})
             return False
-        instance = WorkflowInstance(definition.fn, self.started, self._make_context,
-                                    recorded=events, wall_clock=time.time)
-        self.instance = instance
         for event in events:
             self._track(event)
+        cut = max((i for i, e in enumerate(events) if isinstance(e, RunContinued)), default=None)
+        segment = events[cut:] if cut is not None else events
+        instance = self._new_instance(definition.fn, segment, segment[0] if cut is not None
+                                      else None)
+        for event in segment:
             instance.apply(event, recorded=True)
             self._adopt(instance.take_commands(), live=False)
         fresh = instance.take_events()
@@ -290,11 +298,26 @@ class RunDriver:
         await self._flush_outputs()
         log.error("run %s is blocked: %s", self.run_id, reason)
 
+    def _new_instance(self, fn: Any, recorded: list[Event],
+                      segment: RunContinued | None) -> WorkflowInstance:
+        assert self.started is not None
+        self.instance = WorkflowInstance(fn, self.started, self._make_context,
+                                         recorded=recorded, wall_clock=time.time,
+                                         segment=segment)
+        return self.instance
+
     def _make_context(self, instance: WorkflowInstance) -> RunContext:
         return RunContext(instance, self.names, self.orch.policies, self.orch.sandbox_meta)
 
     # -- the state the history implies ---------------------------------------------------------
     def _track(self, event: Event) -> None:
+        if isinstance(event, StepFailed | StepCompleted | TimerFired | SignalTimedOut) or (
+                isinstance(event, SignalReceived) and event.delivered_to is not None):
+            index = event.delivered_to if isinstance(event, SignalReceived) else event.index
+            op = self._open.get(index)
+            if op is not None and op.span is not None:
+                end_step_span(op.span, event.error if isinstance(event, StepFailed) else None)
+                op.span = None
         if isinstance(event, StepFailed):
             if event.final:
                 self._close(event.index)
@@ -388,10 +411,12 @@ class RunDriver:
     async def _commit(self, events: list[Event]) -> None:
         for attempt in range(1, 6):
             try:
-                await self.history.append(*events)
+                seq = await self.history.append(*events)
                 for ev in events:
                     if isinstance(ev, StepScheduled):
                         crash_point("scheduled", ev.index)
+                    elif isinstance(ev, RunContinued):
+                        await self._next_segment(ev, seq)
                 return
             except StaleWriterError:
                 raise
@@ -422,7 +447,7 @@ class RunDriver:
         elif isinstance(item, _Reconnected):
             await self._catch_up_inbox(into=events)
             for op in self._open.values():
-                if op.dispatched:
+                if op.dispatched and not op.command.meta.get("local"):  # local: still running
                     op.dispatched = False
                     self._new_commands.append(op.command)
 
@@ -583,12 +608,14 @@ class RunDriver:
             if op is None:
                 continue
             if cmd.kind == "timer":
+                self._trace(op)
                 self._arm(op, cmd.deadline or time.time(), "fire")
             elif cmd.kind == "signal":
+                self._trace(op)
                 if cmd.deadline is not None:
                     self._arm(op, cmd.deadline, "deadline")
                 self._emit_status()
-            elif cmd.subject is not None:
+            elif cmd.subject is not None or cmd.meta.get("local"):
                 if op.retry_at is not None and op.retry_at > time.time() and not op.dispatched:
                     self._arm(op, op.retry_at, "retry")
                     op.retry_at = None
@@ -602,6 +629,9 @@ class RunDriver:
         failed: list[_Open] = []
         for op in todo:
             if op.command.index not in self._open or op.dispatched:
+                continue
+            if op.command.meta.get("local"):
+                self._run_local(op)
                 continue
             try:
                 await self._dispatch(op)
@@ -625,10 +655,13 @@ class RunDriver:
                         key=key, reply_to=self.names.inbox(self.run_id),
                         result_to=self.names.results(self.run_id), deadline=deadline,
                         meta=cmd.meta)
+        self._trace(op)
+        with trace.use_span(op.span, end_on_exit=False):  # the item carries its traceparent
+            headers = Envelope(run_id=self.run_id, tenant=self.started.tenant).to_headers(
+                {"Nats-Msg-Id": f"work:{key}:{op.attempt}"})
         # Not waiting for the work queue's ack keeps a round trip off every step's critical
         # path; the ack is checked in the background and a lost item is dispatched again.
-        ack = await self.bus.js.publish_async(cmd.subject, encode(item),
-                                              headers={"Nats-Msg-Id": f"work:{key}:{op.attempt}"})
+        ack = await self.bus.js.publish_async(cmd.subject, encode(item), headers=headers)
         confirm = asyncio.create_task(self._confirm_dispatch(op, op.attempt, ack))
         self._confirms.add(confirm)
         confirm.add_done_callback(self._confirms.discard)
@@ -639,6 +672,48 @@ class RunDriver:
             self._arm(op, deadline, "timeout")
         if policy.heartbeat_timeout:
             self._arm_heartbeat(op, policy.heartbeat_timeout)
+
+    def _trace(self, op: _Open) -> None:
+        if op.span is None and self.started is not None:
+            op.span = start_step_span(self.started, op.command, op.attempt)
+
+    def _run_local(self, op: _Open) -> None:
+        """A local activity: run it here, in the orchestrator, instead of on a worker.
+
+        Same contract as a remote step (idempotency key, retries, timeout); the result goes
+        through the same path. No NATS hop, so its cost is the history append alone.
+        """
+        op.dispatched = True
+        self._trace(op)
+        task = asyncio.create_task(self._local(op, op.attempt))
+        self._confirms.add(task)
+        task.add_done_callback(self._confirms.discard)
+
+    async def _local(self, op: _Open, attempt: int) -> None:
+        from workflow._activity import ActivityContext, call_activity
+
+        cmd = op.command
+        assert self.started is not None
+        policy = cmd.policy or DEFAULT_POLICIES["activity"]
+        key = f"{self.run_id}:{cmd.index}"
+        actx = ActivityContext(key, self.run_id, self.started.tenant, cmd.index, attempt,
+                               cmd.name)
+        started = time.perf_counter()
+        try:
+            fn = self.orch.activities.get(cmd.name)
+            value = await asyncio.wait_for(call_activity(fn, actx, cmd.args), policy.timeout)
+            result = StepResult(run_id=self.run_id, index=cmd.index, attempt=attempt, key=key,
+                                ok=True, result=value, worker=f"{self.orch.owner_id}:local")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            wire = exc.to_wire() if isinstance(exc, NerveError) else {
+                "type": "StepTimeout" if isinstance(exc, TimeoutError) else type(exc).__name__,
+                "message": str(exc) or repr(exc), "retryable": True, "fields": {}}
+            result = StepResult(run_id=self.run_id, index=cmd.index, attempt=attempt, key=key,
+                                ok=False, error=wire, worker=f"{self.orch.owner_id}:local")
+        result.duration_ms = (time.perf_counter() - started) * 1000
+        self.put(_Result(result))
 
     async def _confirm_dispatch(self, op: _Open, attempt: int, ack: asyncio.Future[Any],
                                 ) -> None:
@@ -676,6 +751,26 @@ class RunDriver:
         status = "paused" if self._paused else ("waiting" if waiting else "running")
         self._emits.append(StreamEvent(type="status", run_id=self.run_id,
                                        data={"status": status}))
+
+    async def _next_segment(self, continued: RunContinued, seq: int) -> None:
+        """The workflow continued as new: start its next segment from ``continued``."""
+        assert self.instance is not None
+        fn = self.instance.fn
+        await self.orch.mark_segment(self.run_id, seq)
+        for op in self._open.values():  # steps of the old segment are abandoned
+            op.cancel_timers()
+        self._open.clear()
+        self._new_commands.clear()
+        self._to_dispatch.clear()
+        instance = self._new_instance(fn, [continued], continued)
+        instance.apply(continued, recorded=True)
+        self._adopt(instance.take_commands(), live=True)
+        fresh = instance.take_events()
+        for event in fresh:
+            self._track(event)
+        self._emits.extend(instance.take_emits())
+        if fresh:
+            await self._commit(fresh)
 
     async def _on_end(self) -> None:
         assert self.instance is not None

@@ -11,15 +11,15 @@ without seeing each other's writes.
 from __future__ import annotations
 
 from bus import Bus
-from nerve._errors import TaskRejected
+from nerve import TaskRejected
 from persistence import (
     TERMINAL_TYPES,
     Event,
+    ForkSpec,
     RunHistory,
     RunStarted,
     StepCompleted,
 )
-from persistence._messages import ForkSpec
 
 # Events about the parent's ownership or its end do not belong in the fork.
 _NOT_COPIED = TERMINAL_TYPES | {"owner_changed", "run_blocked"}

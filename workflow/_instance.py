@@ -26,7 +26,7 @@ from typing import Any
 
 import msgpack
 
-from nerve._errors import NerveError, NondeterminismError, StepError
+from nerve import NerveError, NondeterminismError, StepError
 from persistence import (
     CancelRequested,
     Event,
@@ -34,6 +34,7 @@ from persistence import (
     RunBlocked,
     RunCancelled,
     RunCompleted,
+    RunContinued,
     RunFailed,
     RunStarted,
     SignalReceived,
@@ -64,11 +65,20 @@ class _Blocked(BaseException):
     """
 
 
+class ContinueAsNew(BaseException):
+    """Raised by ``ctx.continue_as_new``: end this segment, start over with ``input``."""
+
+    def __init__(self, input: Any) -> None:
+        super().__init__("continue as new")
+        self.input = input
+
+
 class InstanceState(enum.Enum):
     RUNNING = "running"
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    CONTINUED = "continued"
     BLOCKED = "blocked"
 
 
@@ -114,9 +124,14 @@ class WorkflowInstance:
 
     def __init__(self, fn: WorkflowFn, started: RunStarted, make_context: Callable[..., Any],
                  recorded: list[Event] | None = None,
-                 wall_clock: Callable[[], float] = time.time) -> None:
+                 wall_clock: Callable[[], float] = time.time,
+                 segment: RunContinued | None = None) -> None:
+        """``segment``: drive the segment that this ``RunContinued`` starts (its input and
+        first index) instead of the run's beginning."""
         self.fn = fn
         self.started = started
+        self.segment = segment
+        self.continued_with: Any = None
         self.run_id = started.run_id
         self.state = InstanceState.RUNNING
         self.wall_clock = wall_clock
@@ -125,8 +140,8 @@ class WorkflowInstance:
         self.failure: dict[str, Any] | None = None
         self._loop = WorkflowLoop(self._now, self._timer_from_loop)
         self._make_context = make_context
-        self._time = started.at
-        self._next_index = 0
+        self._time = (segment or started).at
+        self._next_index = segment.next_index if segment else 0
         self._futures: dict[int, asyncio.Future[Any]] = {}
         self._issued: dict[int, tuple[str, str, str]] = {}
         self._timer_handles: dict[int, asyncio.TimerHandle] = {}
@@ -150,8 +165,9 @@ class WorkflowInstance:
             elif isinstance(event, MarkerRecorded):
                 self._recorded[event.index] = _Recorded("marker", f"{event.kind}:{event.name}",
                                                         "", event)
-            elif isinstance(event, RunCompleted | RunFailed | RunCancelled):
-                self._recorded_end = event
+            elif isinstance(event, RunCompleted | RunFailed | RunCancelled | RunContinued):
+                if event is not self.segment:
+                    self._recorded_end = event
         self._pending_history = len(events)
 
     @property
@@ -186,7 +202,7 @@ class WorkflowInstance:
             self._block(exc)
 
     def _apply(self, event: Event, recorded: bool) -> None:
-        if isinstance(event, RunStarted):
+        if isinstance(event, RunStarted) or (event is self.segment and self.segment is not None):
             self._start()
         elif isinstance(event, StepScheduled | MarkerRecorded):
             if recorded:
@@ -215,7 +231,7 @@ class WorkflowInstance:
             if self._main is not None and not self._main.done():
                 self._main.cancel(event.reason or "cancelled")
                 self._run()
-        elif isinstance(event, RunCompleted | RunFailed | RunCancelled):
+        elif isinstance(event, RunCompleted | RunFailed | RunCancelled | RunContinued):
             if recorded:
                 self._check_end(event)
 
@@ -225,7 +241,7 @@ class WorkflowInstance:
         self._run()
 
     async def _run_main(self, ctx: Any) -> Any:
-        return await self.fn(ctx, self.started.input)
+        return await self.fn(ctx, self.segment.input if self.segment else self.started.input)
 
     def _resolve(self, index: int, setter: Callable[[asyncio.Future[Any]], None]) -> None:
         fut = self._futures.pop(index, None)
@@ -244,7 +260,14 @@ class WorkflowInstance:
         if main.cancelled():
             self.state = InstanceState.CANCELLED
             end = RunCancelled(reason="cancelled", at=self._stamp())
-        elif (exc := main.exception()) is not None:
+        elif isinstance(exc := main.exception(), ContinueAsNew):
+            self.state = InstanceState.CONTINUED
+            self.continued_with = exc.input
+            end = RunContinued(
+                workflow=self.started.workflow, version=self.started.version, input=exc.input,
+                next_index=self._next_index,
+                segment=(self.segment.segment if self.segment else 0) + 1, at=self._stamp())
+        elif exc is not None:
             if isinstance(exc, NondeterminismError):
                 self._block(exc)
                 return
@@ -262,7 +285,8 @@ class WorkflowInstance:
 
     def _check_end(self, event: Event) -> None:
         expected = {RunCompleted: InstanceState.COMPLETED, RunFailed: InstanceState.FAILED,
-                    RunCancelled: InstanceState.CANCELLED}[type(event)]
+                    RunCancelled: InstanceState.CANCELLED,
+                    RunContinued: InstanceState.CONTINUED}[type(event)]
         if self.state is not expected:
             raise NondeterminismError(
                 f"run {self.run_id}: the history ends with {event.type} but the code is "

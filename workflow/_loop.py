@@ -22,7 +22,7 @@ import contextvars
 from collections.abc import Callable
 from typing import Any
 
-from nerve._errors import WorkflowError
+from nerve import WorkflowError
 
 
 class WorkflowSandboxViolation(WorkflowError):

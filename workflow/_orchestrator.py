@@ -29,18 +29,20 @@ from nats.errors import Error as NatsClientError
 from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
 
 from actors import Actor, Delivery, WorkQueue, encode, encode_json, unpack
+from budget_actor import KillNotice, KillNotices, kill_notices
 from bus import Bus, check_token
-from nerve._errors import (
+from nerve import (
     CodecError,
     ConfigError,
     LeaseLostError,
     NerveError,
     TaskRejected,
 )
-from persistence import Event, RunHistory, RunStarted, TaskRequest
-from supervisor import Lease, lease_keys, watch_leases
-from workflow._definition import WorkflowRegistry, workflows
-from workflow._driver import RunDriver, _Reconnected
+from persistence import CancelMessage, Event, PauseMessage, RunHistory, RunStarted, TaskRequest
+from supervisor import Lease, lease_entries, watch_leases
+from workflow._definition import ActivityRegistry, WorkflowRegistry, workflows
+from workflow._definition import activities as default_activities
+from workflow._driver import RunDriver, _Inbox, _Reconnected
 from workflow._fork import fork_history
 from workflow._policy import RetryPolicy
 
@@ -56,14 +58,17 @@ class RunRecord:
     owner: str
     epoch: int
     tenant: str
+    replay_from: int = 0  # stream seq of the current segment's first record (continue-as-new)
 
     def encode(self) -> bytes:
-        return msgpack.packb({"owner": self.owner, "epoch": self.epoch, "tenant": self.tenant})
+        return msgpack.packb({"owner": self.owner, "epoch": self.epoch, "tenant": self.tenant,
+                              "replay_from": self.replay_from})
 
     @classmethod
     def decode(cls, raw: bytes) -> RunRecord:
         d = msgpack.unpackb(raw)
-        return cls(d["owner"], int(d["epoch"]), d.get("tenant", ""))
+        return cls(d["owner"], int(d["epoch"]), d.get("tenant", ""),
+                   int(d.get("replay_from", 0)))
 
 
 class _TaskIntake(Actor[Msg]):
@@ -94,15 +99,18 @@ class Orchestrator:
     def __init__(self, bus: Bus, owner_id: str, *, registry: WorkflowRegistry | None = None,
                  host_ttl: float = 2.0, policies: dict[str, RetryPolicy] | None = None,
                  sandbox_meta: dict[str, Any] | None = None, spawn_guard: Any = None,
-                 accept_tasks: bool = True) -> None:
+                 accept_tasks: bool = True, kill_switch: bool = True,
+                 activities: ActivityRegistry | None = None) -> None:
         check_token("orchestrator id", owner_id)
         self.bus = bus
         self.owner_id = owner_id
         self.registry = registry or workflows
+        self.activities = activities or default_activities  # for local activities
         self.policies = policies or {}
         self.sandbox_meta = sandbox_meta or {}
         self.spawn_guard = spawn_guard  # budget: check_spawn(tenant) before a run starts
         self.accept_tasks = accept_tasks  # False: only drive runs taken over from peers
+        self.kill_switch = kill_switch  # act on nerve.ctl.tenant.<t>.kill notices
         self.host_lease = Lease(bus, bus.names.host_lease(owner_id), owner_id, ttl=host_ttl)
         self.drivers: dict[str, RunDriver] = {}
         self._driver_tasks: dict[str, asyncio.Task[None]] = {}
@@ -110,6 +118,11 @@ class Orchestrator:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = False
         self._claim_lock = asyncio.Lock()
+        # Runs we own whose driver stopped without ending them (blocked, missing): not
+        # claimed again by our own sweeps until this process restarts.
+        self._parked: set[str] = set()
+        self.sweep_every = max(5.0, 3 * host_ttl)
+        self._kill_notices: KillNotices | None = None
         self.ready = asyncio.Event()
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -125,6 +138,11 @@ class Orchestrator:
         await self.host_lease.wait_acquire(poll=0.2, timeout=max(10.0, 3 * self.host_lease.ttl))
         self.host_lease.keep_alive(on_lost=self._on_lease_lost)
         self._spawn(self._watch())
+        self._spawn(self._sweep())
+        if self.kill_switch:
+            self._kill_notices = kill_notices(self.bus)
+            await self._kill_notices.open()
+            self._spawn(self._follow_kills())
         if self.accept_tasks:
             await self._intake.start(self.bus)
         self.bus.on_reconnect(self._on_reconnect)
@@ -137,15 +155,22 @@ class Orchestrator:
         for driver in list(self.drivers.values()):
             driver.put(_Reconnected())
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float = 10.0) -> None:
         self._stopping = True
         await self._intake.stop()
-        for task in list(self._driver_tasks.values()) + list(self._tasks):
+        if self._kill_notices is not None:
+            await self._kill_notices.close()
+        tasks = list(self._driver_tasks.values()) + list(self._tasks)
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._driver_tasks.values(), *self._tasks,
-                             return_exceptions=True)
+        if tasks:
+            _done, stuck = await asyncio.wait(tasks, timeout=timeout)
+            if stuck:
+                log.error("orchestrator %s: %d tasks ignored cancellation for %.0fs",
+                          self.owner_id, len(stuck), timeout)
         # Release the host lease so peers take our runs now rather than after the TTL.
-        await self.host_lease.release()
+        with contextlib.suppress(NatsClientError, TimeoutError):
+            await asyncio.wait_for(self.host_lease.release(), timeout)
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro)
@@ -174,13 +199,28 @@ class Orchestrator:
     # -- ownership ------------------------------------------------------------------------------
     async def _watch(self) -> None:
         """Follow host leases; when one goes away, claim that host's runs."""
-        initial = asyncio.Event()
-        async for change in watch_leases(self.bus, "host.*", initial_done=initial):
-            if initial.is_set() and not self.ready.is_set():
-                self.ready.set()
-                self._spawn(self._claim_orphans())
-            if change is not None and change.record is None:
-                self._spawn(self._claim_orphans(dead_host=change.key.partition(".")[2]))
+        while True:
+            initial = asyncio.Event()
+            try:
+                async for change in watch_leases(self.bus, "host.*", initial_done=initial):
+                    if initial.is_set() and not self.ready.is_set():
+                        self.ready.set()
+                        self._spawn(self._claim_orphans())
+                    if change is not None and change.record is None:
+                        self._spawn(self._claim_orphans())
+            except (NatsClientError, TimeoutError, NerveError) as exc:
+                log.warning("orchestrator %s: lease watch failed (%r); watching again",
+                            self.owner_id, exc)
+                await asyncio.sleep(0.5)
+
+    async def _sweep(self) -> None:
+        """A safety net under the watch: look for orphaned runs every few host TTLs."""
+        while True:
+            await asyncio.sleep(self.sweep_every)
+            try:
+                await self._claim_orphans()
+            except (NatsClientError, TimeoutError, NerveError) as exc:
+                log.warning("orchestrator %s: orphan sweep failed (%r)", self.owner_id, exc)
 
     async def _raw_record(self, key: str) -> tuple[RunRecord, int] | None:
         kv = await self.bus.kv(self.bus.names.leases_bucket)
@@ -192,41 +232,52 @@ class Orchestrator:
             return None
         return RunRecord.decode(entry.value), entry.revision or 0
 
-    async def _claim_orphans(self, dead_host: str | None = None) -> None:
+    async def _claim_orphans(self) -> None:
         """Claim every active run whose owner is us (restarted) or not alive."""
         # One sweep at a time: two overlapping sweeps would both see a run we just claimed
         # as "ours" and claim it again from ourselves.
         async with self._claim_lock:
-            for key in await lease_keys(self.bus, "run.*"):
+            hosts = {key.partition(".")[2]
+                     for key in await lease_entries(self.bus, "host.*")}
+            for key, (value, revision) in (await lease_entries(self.bus, "run.*")).items():
                 run_id = key.partition(".")[2]
-                if run_id in self.drivers:
+                if run_id in self.drivers or run_id in self._parked:
                     continue
-                found = await self._raw_record(key)
-                if found is None or run_id in self.drivers:
-                    continue
-                record, revision = found
-                if record.owner == self.owner_id or not await self._host_alive(record.owner):
+                record = RunRecord.decode(value)
+                if record.owner == self.owner_id or record.owner not in hosts:
                     await self._claim(run_id, record, revision)
-
-    async def _host_alive(self, host: str) -> bool:
-        kv = await self.bus.kv(self.bus.names.leases_bucket)
-        try:
-            entry = await kv.get(self.bus.names.host_lease(host))
-        except KeyNotFoundError:
-            return False
-        return entry.value is not None and entry.operation is None
 
     async def _claim(self, run_id: str, record: RunRecord, revision: int) -> bool:
         kv = await self.bus.kv(self.bus.names.leases_bucket)
-        new = RunRecord(self.owner_id, record.epoch + 1, record.tenant)
+        new = RunRecord(self.owner_id, record.epoch + 1, record.tenant, record.replay_from)
         try:
             await kv.update(self.bus.names.run_lease(run_id), new.encode(), last=revision)
         except (KeyWrongLastSequenceError, APIError):
             return False  # a peer claimed it first
         log.info("orchestrator %s took over run %s from %s (epoch %d)", self.owner_id, run_id,
                  record.owner, new.epoch)
-        self._start_driver(run_id, new.epoch, takeover=True)
+        self._start_driver(run_id, new.epoch, takeover=True, replay_from=new.replay_from)
         return True
+
+    async def mark_segment(self, run_id: str, seq: int) -> None:
+        """Remember where the run's current segment starts, so a takeover replays from there.
+
+        Best effort: if it is lost, the next owner replays from an older segment start and
+        still ends in the same state.
+        """
+        key = self.bus.names.run_lease(run_id)
+        for _ in range(3):
+            found = await self._raw_record(key)
+            if found is None or found[0].owner != self.owner_id:
+                return
+            record, revision = found
+            kv = await self.bus.kv(self.bus.names.leases_bucket)
+            try:
+                await kv.update(key, RunRecord(record.owner, record.epoch, record.tenant,
+                                               seq).encode(), last=revision)
+                return
+            except (KeyWrongLastSequenceError, APIError):
+                continue
 
     async def release_run(self, run_id: str) -> None:
         """The run ended: drop its record so nobody tries to take it over."""
@@ -234,8 +285,9 @@ class Orchestrator:
         with contextlib.suppress(KeyNotFoundError, APIError, NatsClientError):
             await kv.delete(self.bus.names.run_lease(run_id))
 
-    def _start_driver(self, run_id: str, epoch: int, takeover: bool) -> RunDriver:
-        driver = RunDriver(self, run_id, epoch, takeover)
+    def _start_driver(self, run_id: str, epoch: int, takeover: bool,
+                      replay_from: int = 0) -> RunDriver:
+        driver = RunDriver(self, run_id, epoch, takeover, replay_from)
         self.drivers[run_id] = driver
         task = asyncio.create_task(driver.run(), name=f"run:{run_id}")
         self._driver_tasks[run_id] = task
@@ -243,6 +295,8 @@ class Orchestrator:
         def done(t: asyncio.Task[None]) -> None:
             self.drivers.pop(run_id, None)
             self._driver_tasks.pop(run_id, None)
+            if driver.status in ("blocked", "missing"):
+                self._parked.add(run_id)
             if not t.cancelled() and t.exception() is not None:
                 log.error("run %s driver crashed: %r", run_id, t.exception())
 
@@ -356,6 +410,26 @@ class Orchestrator:
     # -- operations on owned runs ---------------------------------------------------------------
     def runs_of(self, tenant: str) -> list[str]:
         return [rid for rid, d in self.drivers.items() if d.tenant == tenant]
+
+    async def _follow_kills(self) -> None:
+        """A killed tenant's runs stop here at once: cancelled, or paused for a human."""
+        assert self._kill_notices is not None
+        async for notice in self._kill_notices:
+            if not isinstance(notice, KillNotice):
+                continue
+            message: CancelMessage | PauseMessage
+            reason = f"tenant {notice.tenant} killed: {notice.reason}"
+            if notice.policy == "pause":
+                message = PauseMessage(reason=reason, by=notice.by or "budget")
+            else:
+                message = CancelMessage(reason=reason, by=notice.by or "budget")
+            runs = self.runs_of(notice.tenant)
+            for run_id in runs:
+                driver = self.drivers.get(run_id)
+                if driver is not None:
+                    driver.put(_Inbox(message))
+            log.warning("orchestrator %s: %s -> %s %d run(s)", self.owner_id, reason,
+                        "pausing" if notice.policy == "pause" else "cancelling", len(runs))
 
 
 def _validation_reason(exc: Exception) -> str:

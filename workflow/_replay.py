@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from bus import Bus
-from nerve._errors import NondeterminismError, RunNotFound, WorkflowNotFound
-from persistence import EVENT_ADAPTER, Event, RunHistory, RunStarted
+from nerve import NondeterminismError, RunNotFound, WorkflowNotFound
+from persistence import EVENT_ADAPTER, Event, RunContinued, RunHistory, RunStarted
 from workflow._context import RunContext
 from workflow._definition import WorkflowRegistry, workflows
 from workflow._instance import InstanceState, WorkflowInstance
@@ -70,15 +70,25 @@ def replay_history(events: list[Event], registry: WorkflowRegistry | None = None
     definition = registry.get(started.workflow, started.version)
     names = names or Names()
     t0 = time.perf_counter()
-    instance = WorkflowInstance(definition.fn, started,
-                                lambda inst: RunContext(inst, names), recorded=events)
-    for event in events:
-        instance.apply(event, recorded=True)
-        instance.take_commands()
-        if instance.state is InstanceState.BLOCKED:
+    # Each segment (continue-as-new) replays on its own, from its own start.
+    cuts = [0] + [i for i, e in enumerate(events) if isinstance(e, RunContinued)]
+    err = None
+    for n, start in enumerate(cuts):
+        end = cuts[n + 1] + 1 if n + 1 < len(cuts) else len(events)
+        segment = events[start:end]
+        head = segment[0] if isinstance(segment[0], RunContinued) else None
+        instance = WorkflowInstance(definition.fn, started,
+                                    lambda inst: RunContext(inst, names), recorded=segment,
+                                    segment=head)
+        for event in segment:
+            instance.apply(event, recorded=True)
+            instance.take_commands()
+            if instance.state is InstanceState.BLOCKED:
+                break
+        if instance.error is not None:
+            err = instance.error
             break
     seconds = time.perf_counter() - t0
-    err = instance.error
     return ReplayReport(
         run_id=started.run_id, workflow=started.workflow, recorded_version=started.version,
         code_version=definition.version, events=len(events), state=instance.state.value,

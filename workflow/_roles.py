@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from budget_actor import Ledger
 from bus import Bus
 from workflow._activity import ActivityWorker
 from workflow._orchestrator import Orchestrator
 
 
-async def run_orchestrator(bus: Bus, opts) -> None:
-    orch = Orchestrator(bus, opts.id, host_ttl=float(opts.settings.get("host_ttl", 2.0)))
+def _flag(value: Any) -> bool:
+    return str(value).strip().lower() not in ("0", "false", "no", "off")
+
+
+async def run_orchestrator(bus: Bus, opts: Any) -> None:
+    """Settings: ``host_ttl`` (seconds; a dead orchestrator's runs move after about this
+    long), ``budget`` (``0``: start runs without asking the tenant's budget)."""
+    settings = opts.settings
+    guard = Ledger(bus) if _flag(settings.get("budget", True)) else None
+    orch = Orchestrator(bus, opts.id, host_ttl=float(settings.get("host_ttl", 2.0)),
+                        spawn_guard=guard)
     await orch.run()
 
 
-async def run_activity_worker(bus: Bus, opts) -> None:
+async def run_activity_worker(bus: Bus, opts: Any) -> None:
     worker = ActivityWorker(worker_id=opts.id)
     await worker.run(bus)
-
-

@@ -12,8 +12,7 @@ from pathlib import Path
 
 from bus import ConnectOptions, EmbeddedNats, EmbeddedNatsConfig, connect, provision
 from tests.golden.workflows import activities, registry
-from workflow import ActivityWorker, NerveClient, Orchestrator
-from workflow._replay import save_history
+from workflow import ActivityWorker, NerveClient, Orchestrator, save_history
 
 HERE = Path(__file__).parent
 

@@ -1,0 +1,100 @@
+"""``SandboxWorker``: the step consumer of one sandbox (``nerve.work.sandbox.<id>``)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from nats.errors import Error as NatsClientError
+
+from actors import Delivery, StepResult, StepWorker, WorkItem, WorkQueue, encode
+from bus import Names
+from nerve import NerveError
+from persistence import StreamEvent
+from sandbox_actor._runner import Fenced, SandboxRunner
+
+log = logging.getLogger("nerve.sandbox.worker")
+
+
+class SandboxWorker(StepWorker):
+    """Performs one sandbox's steps, one at a time, under the runner's commit protocol.
+
+    A step the runner refuses because this host lost the sandbox (:class:`Fenced`) is
+    neither answered nor acked: it goes back to the queue for the new owner. Unlike the
+    base class, the result is delivered before ``handle`` returns (and the item is acked
+    only then): the commit order is snapshot, assignment, result, ack.
+    """
+
+    concurrency = 1  # a sandbox's steps are sequential
+    ack_wait = 30.0
+    max_deliver = 20
+
+    def __init__(self, runner: SandboxRunner, host: Any, *, stream_output: bool = True) -> None:
+        super().__init__(name=f"sandbox-{runner.sandbox_id}", worker_id=runner.host_id)
+        self.runner = runner
+        self.host = host
+        self.stream_output = stream_output
+
+    def mailbox(self) -> WorkQueue:
+        assert self.bus is not None
+        sid = self.runner.sandbox_id
+        return WorkQueue(stream=self.bus.names.work_stream,
+                         subjects=[self.bus.names.work_sandbox(sid)],
+                         durable=Names.sandbox_durable(sid), ack_wait=self.ack_wait,
+                         max_deliver=self.max_deliver, backoff=(0.1, 0.5, 2.0))
+
+    async def handle(self, message: WorkItem, delivery: Delivery) -> None:
+        if not self.host.lease_held:
+            raise Fenced(f"host {self.runner.host_id} may have lost its lease; not running "
+                         f"{message.key}", key=message.key)
+        cached = self._recent.get((message.key, message.attempt))
+        if cached is not None:
+            await self.reply(message, cached)
+            return
+        started = time.perf_counter()
+        # The run's owner may expect liveness for long steps (the workflow's heartbeat).
+        beat = (asyncio.create_task(self._heartbeat_owner(message))
+                if message.meta.get("heartbeat_timeout") and message.result_to else None)
+        try:
+            value = await self.runner.perform(message, self._streamer(message))
+            result = StepResult(run_id=message.run_id, index=message.index,
+                                attempt=message.attempt, key=message.key, ok=True,
+                                result=value, worker=self.worker_id)
+        except Fenced:
+            self.host.fenced(self.runner)
+            raise
+        except asyncio.CancelledError:
+            raise
+        except NerveError as exc:
+            result = self._error(message, exc.to_wire())
+        except Exception as exc:
+            log.exception("sandbox step %s failed", message.key)
+            result = self._error(message, {"type": type(exc).__name__, "message": str(exc),
+                                           "retryable": True, "fields": {}})
+        finally:
+            if beat is not None:
+                beat.cancel()
+        result.duration_ms = (time.perf_counter() - started) * 1000
+        self._remember(message, result)
+        await self.reply(message, result)
+
+    def _streamer(self, item: WorkItem):
+        if not self.stream_output or item.name != "exec":
+            return None
+        bus = self.bus
+        assert bus is not None
+        subject = bus.names.stream(item.run_id)
+
+        async def on_output(fd: int, chunk: bytes) -> None:
+            event = StreamEvent(type="progress", run_id=item.run_id,
+                                data={"index": item.index, "sandbox_id": self.runner.sandbox_id,
+                                      "fd": fd, "text": chunk.decode(errors="replace")})
+            try:
+                await bus.js.publish(subject, encode(event))
+            except (NatsClientError, TimeoutError) as exc:
+                # Live output is best effort; the step's result still carries it.
+                log.debug("could not stream output of %s: %r", item.key, exc)
+
+        return on_output

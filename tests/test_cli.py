@@ -1,0 +1,133 @@
+"""The `nerve` command as operators use it: `nerve up` with each role its own supervised
+process, `nerve.json`, the client commands (JSON output), a SIGKILLed role coming back,
+clear one-line errors, and a clean Ctrl-C."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.timeout(180)
+
+NERVE = [sys.executable, "-m", "cli"]
+
+
+async def nerve(*args: str, check: bool = True) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *NERVE, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"nerve {' '.join(args)} -> {proc.returncode}: {err.decode()}")
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture
+async def up(tmp_path: Path) -> AsyncIterator[tuple[Path, asyncio.subprocess.Process, int]]:
+    data, port = tmp_path / "nerve", free_port()
+    proc = await asyncio.create_subprocess_exec(
+        *NERVE, "up", "--data-dir", str(data), "--nats-port", str(port),
+        "--roles", "orchestrator,activity,gateway,budget",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    async with asyncio.timeout(60):
+        while not (data / "nerve.json").exists():
+            assert proc.returncode is None, "nerve up exited while starting"
+            await asyncio.sleep(0.1)
+    yield data, proc, port
+    if proc.returncode is None:
+        proc.kill()
+        await proc.wait()
+
+
+def state(data: Path) -> dict[str, Any]:
+    return json.loads((data / "nerve.json").read_text())
+
+
+async def test_nerve_up_and_the_client_commands(
+        up: tuple[Path, asyncio.subprocess.Process, int]) -> None:
+    data, _proc, port = up
+    info = state(data)
+    assert info["nats_url"] == f"nats://127.0.0.1:{port}"
+    pids = {role: r["pid"] for role, r in info["roles"].items()}
+    assert set(pids) == {"orchestrator", "activity", "gateway", "budget"}
+    assert all(alive(pid) for pid in pids.values()) and len(set(pids.values())) == 4
+
+    d = ["--data-dir", str(data)]
+    _, out, _ = await nerve("run", "hello [scripted:echo]", "--tenant", "acme", "--wait",
+                            "--json", "--input", '{"tools": []}', *d)
+    done = json.loads(out)
+    assert done["status"] == "completed" and done["result"]["answer"] == "hello"
+    _, out, _ = await nerve("runs", "--json", *d)
+    assert done["run_id"] in {r["run_id"] for r in json.loads(out)}
+    _, out, _ = await nerve("show", done["run_id"], "--json", *d)
+    shown = json.loads(out)
+    assert shown["events"][0]["type"] == "run_started"
+    assert shown["events"][-1]["type"] == "run_completed"
+    _, out, _ = await nerve("replay", done["run_id"], *d)
+    assert "deterministic" in out
+
+    # A run that never ends by itself, cancelled from the CLI.
+    _, out, _ = await nerve("run", "go on [scripted:loop]", "--json", "--input",
+                            '{"tools": ["run"], "max_turns": 1000}', *d)
+    looping = json.loads(out)["run_id"]
+    await nerve("cancel", looping, *d)
+    async with asyncio.timeout(30):
+        while True:
+            _, out, _ = await nerve("show", looping, "--json", *d)
+            if json.loads(out)["summary"]["status"] == "cancelled":
+                break
+            await asyncio.sleep(0.2)
+
+    # Mistakes get one clear line, not a traceback.
+    code, _, err = await nerve("show", "no-such-run", *d, check=False)
+    assert code == 2 and err.startswith("nerve: error: no run no-such-run")
+    assert "Traceback" not in err
+    code, _, err = await nerve("signal", done["run_id"], "x", "{not json", *d, check=False)
+    assert code == 2 and "not valid JSON" in err
+    code, _, err = await nerve("runs", "--data-dir", str(data / "nowhere"), check=False)
+    assert code == 2 and "nerve up --data-dir" in err
+
+
+async def test_a_sigkilled_role_comes_back_and_ctrl_c_stops_everything(
+        up: tuple[Path, asyncio.subprocess.Process, int]) -> None:
+    data, proc, _ = up
+    nats_pid = state(data)["nats_pid"]
+    before = state(data)["roles"]
+    os.kill(before["gateway"]["pid"], signal.SIGKILL)
+    async with asyncio.timeout(30):
+        while state(data)["roles"]["gateway"]["pid"] in (before["gateway"]["pid"], None):
+            await asyncio.sleep(0.1)
+    after = state(data)["roles"]
+    assert alive(after["gateway"]["pid"])
+    assert after["orchestrator"]["pid"] == before["orchestrator"]["pid"]  # one for one
+    _, out, _ = await nerve("run", "still here [scripted:echo]", "--wait", "--json",
+                            "--input", '{"tools": []}', "--data-dir", str(data))
+    assert json.loads(out)["result"]["answer"] == "still here"
+
+    proc.send_signal(signal.SIGINT)
+    assert await asyncio.wait_for(proc.wait(), 60) == 0
+    everyone = [r["pid"] for r in after.values()] + [nats_pid]
+    assert not any(alive(pid) for pid in everyone)
+    assert not (data / "nerve.json").exists()
