@@ -12,6 +12,7 @@ import time
 from typing import Any, TypeVar
 
 from aiohttp import web
+from nats.errors import Error as NatsClientError
 from pydantic import BaseModel, ValidationError
 
 from actors import new_id
@@ -227,6 +228,12 @@ def make_error_middleware(on_request: Any = None) -> Any:
                                            if k in ("Allow",)})
         except (ConnectionResetError, BrokenPipeError):
             raise
+        except (NatsClientError, TimeoutError) as exc:
+            # The bus is away (a reconnect, a restarting server): nothing was decided.
+            status = 503
+            log.warning("%s %s: NATS unavailable (%r)", request.method, request.path, exc)
+            resp = error_response(503, "unavailable", "the message bus (NATS) did not answer; "
+                                  "retry shortly", retry_after_ms=1000, request_id=rid)
         except Exception:
             log.exception("%s %s failed (request %s)", request.method, request.path, rid)
             resp = error_response(500, "internal", "internal error; the server log has the "

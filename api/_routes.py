@@ -44,6 +44,7 @@ class Route:
     responses: dict[int, tuple[type[BaseModel] | str | None, str]] = field(default_factory=dict)
     params: tuple[Param, ...] = ()
     description: str = ""
+    bus: bool = True  # needs NATS to answer (False: the read model, or nothing, will do)
 
 
 _ID_SCHEMA = {"type": "string", "pattern": r"^[A-Za-z0-9_\-]{1,128}$"}
@@ -74,7 +75,7 @@ ROUTES: tuple[Route, ...] = (
                   Param("cursor", "query", "next_cursor of the previous page",
                         {"type": "string", "pattern": r"^[A-Za-z0-9_\-]{1,1024}$"})),
           responses={200: (m.RunList, "a page of runs from the read model"),
-                     403: (None, "another tenant's runs")}),
+                     403: (None, "another tenant's runs")}, bus=False),
     Route("GET", "/v1/runs/{run_id}", h.get_run, "getRun", "One run, fresh from its history",
           "runs", params=(RUN_ID, Param("steps", "query", "include the steps",
                                         {"type": "boolean"})),
@@ -132,7 +133,7 @@ ROUTES: tuple[Route, ...] = (
                   Param("limit", "query", "at most", {"type": "integer", "minimum": 1,
                                                       "maximum": 1000})),
           responses={200: (m.ApprovalList, "approvals from the read model"),
-                     403: (None, "another tenant's approvals")}),
+                     403: (None, "another tenant's approvals")}, bus=False),
     Route("GET", "/v1/tenants/{tenant}/budget", h.get_budget, "getBudget",
           "A tenant's budget and spend", "tenants", params=(TENANT,),
           responses={200: (m.BudgetView, "budget report and recorded spend"),
@@ -148,18 +149,22 @@ ROUTES: tuple[Route, ...] = (
           responses={200: (m.KillResult, "killed (or, admin with reset, lifted)"),
                      403: (None, "another tenant, or a reset without an admin key")}),
     Route("GET", "/v1/whoami", h.whoami, "whoAmI", "Who this key is", "meta",
-          responses={200: (m.WhoAmI, "the key's tenant, or admin")}),
+          responses={200: (m.WhoAmI, "the key's tenant, or admin")}, bus=False),
     Route("POST", "/v1/admin/reindex", h.reindex, "reindex",
           "Rebuild the read model from the streams (admin)", "meta", auth="admin",
           responses={200: (m.Reindexed, "rebuilt and swapped in"),
                      409: (None, "a reindex is running")}),
     Route("GET", "/healthz", h.healthz, "health", "Liveness and readiness", "meta",
-          auth="none", responses={200: (m.Health, "ok"), 503: (m.Health, "degraded")}),
+          auth="none", responses={200: (m.Health, "ok"), 503: (m.Health, "degraded")},
+          bus=False),
     Route("GET", "/metrics", h.metrics, "metrics", "Prometheus metrics", "meta", auth="none",
-          responses={200: ("text/plain", "Prometheus text exposition")}),
+          responses={200: ("text/plain", "Prometheus text exposition")}, bus=False),
     Route("GET", "/openapi.json", h.openapi, "openapi", "This document", "meta", auth="none",
-          responses={200: ("application/json", "OpenAPI 3.1")}),
+          responses={200: ("application/json", "OpenAPI 3.1")}, bus=False),
 )
+
+
+NEEDS_BUS = frozenset(r.op_id for r in ROUTES if r.bus)
 
 
 def add_routes(app: web.Application) -> None:
@@ -167,4 +172,4 @@ def add_routes(app: web.Application) -> None:
         app.router.add_route(route.method, route.path, route.handler, name=route.op_id)
 
 
-__all__ = ["ROUTES", "Param", "Route", "add_routes"]
+__all__ = ["NEEDS_BUS", "ROUTES", "Param", "Route", "add_routes"]

@@ -20,11 +20,11 @@ from api._keys import ApiKeys
 from api._metrics import Metrics
 from api._projector import Projector
 from api._readmodel import ReadModel
-from api._routes import add_routes
+from api._routes import NEEDS_BUS, add_routes
 from api._services import Services
 from api._tail import Tails
 from bus import Bus
-from nerve._errors import ApiError, NerveError
+from nerve._errors import ApiError, NerveError, Overloaded
 from workflow import NerveClient
 
 log = logging.getLogger("nerve.api")
@@ -35,6 +35,16 @@ class ServerState(enum.Enum):
     RUNNING = "running"
     STOPPING = "stopping"
     STOPPED = "stopped"
+
+
+@web.middleware
+async def _bus_check(request: web.Request, handler: Any) -> web.StreamResponse:
+    # Fail fast while NATS is away: a request that needs it would wait for a timeout.
+    if request.match_info.route.name in NEEDS_BUS and \
+            not request.app[SERVICES].bus.nc.is_connected:
+        raise Overloaded("the message bus (NATS) is unreachable from this API process; "
+                         "retry shortly", retry_after_ms=1000)
+    return await handler(request)
 
 
 @web.middleware
@@ -93,7 +103,8 @@ class ApiServer:
 
     def build_app(self, services: Services) -> web.Application:
         app = web.Application(client_max_size=self.config.max_body,
-                              middlewares=[make_error_middleware(self._on_request), _auth])
+                              middlewares=[make_error_middleware(self._on_request),
+                                           _bus_check, _auth])
         app[SERVICES] = services
         app[MAX_BODY_KEY] = self.config.max_body
         add_routes(app)

@@ -12,8 +12,9 @@ import pytest
 
 from actors import encode
 from api import ApiClient, ApiConfig, ApiKeys, ApiServer
-from bus import Bus
+from bus import Bus, ConnectOptions, EmbeddedNats, EmbeddedNatsConfig, connect, provision
 from persistence import RunHistory, RunStarted, StreamEvent
+from tests.api_helpers import ADMIN, eventually
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -89,3 +90,42 @@ async def test_a_stalled_client_gets_backpressure_not_buffers(server: ApiServer,
     reads = [line for line in server.metrics.render().splitlines()
              if line.startswith("nerve_api_sse_stream_reads_total ")]
     assert reads and float(reads[0].split()[1]) >= 1
+
+
+async def test_while_nats_is_down_the_api_answers_503_and_recovers(tmp_path: Path) -> None:
+    nats = EmbeddedNats(EmbeddedNatsConfig(store_dir=tmp_path / "nats"))
+    await nats.start()
+    bus = await connect(ConnectOptions(servers=[nats.url], prefix="down"))
+    await provision(bus)
+    srv = ApiServer(bus, ApiConfig(db_path=tmp_path / "rm.db", admin_keys=[ADMIN],
+                                   key_cache_ttl=60))
+    await srv.start()
+    client = ApiClient(srv.url, ADMIN)
+    try:
+        await RunHistory(bus, "r1").create(RunStarted(run_id="r1", tenant="acme",
+                                                      workflow="agent", version="1"))
+        await eventually(lambda: _listed(client))
+        await nats.stop()
+        # The read model still answers; what needs the bus says so, with a retry hint.
+        assert (await client.call("GET", "/v1/runs"))[0] == 200
+        for path in ("/v1/runs/r1", "/v1/runs/r1/events", "/healthz"):
+            status, body = await client.call("GET", path)
+            assert status == 503, (path, body)
+            if path != "/healthz":
+                assert body["error"]["retry_after_ms"] > 0, body
+        await nats.start()  # same port, same store
+        await eventually(lambda: _healthy(client), timeout=30)
+        assert (await client.call("GET", "/v1/runs/r1"))[0] == 200
+    finally:
+        await client.close()
+        await srv.stop()
+        await bus.close()
+        await nats.stop()
+
+
+async def _listed(client: ApiClient) -> bool:
+    return bool((await client.request("GET", "/v1/runs"))["runs"])
+
+
+async def _healthy(client: ApiClient) -> bool:
+    return (await client.call("GET", "/healthz"))[0] == 200
