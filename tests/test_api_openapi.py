@@ -78,9 +78,10 @@ async def test_schemathesis_against_a_live_server(api: Api, tmp_path: Path) -> N
         st, "run", f"{api.server.url}/openapi.json",
         "-H", f"Authorization: Bearer {api.acme.key}", "--checks", checks,
         # Streams stay open for as long as a run lives; the kill-switch would stop the
-        # tenant the rest of the run uses. Both have tests of their own.
+        # tenant the rest of the run uses. Both have tests of their own. One worker: on
+        # Python 3.11, hypothesis describing filters from two threads can crash in ast.parse.
         "--exclude-operation-id", "streamEvents", "--exclude-operation-id", "killTenant",
-        "--max-examples", "10", "--seed", "1", "-w", "2", "--phases", "coverage,fuzzing",
+        "--max-examples", "10", "--seed", "1", "-w", "1", "--phases", "coverage,fuzzing",
         "--request-timeout", "30", "--no-color", cwd=tmp_path, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT)
     out, _ = await proc.communicate()
