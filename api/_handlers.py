@@ -42,6 +42,7 @@ from api._models import (
 )
 from api._projector import Projector, rebuild
 from api._services import RunState, Services
+from budget_actor import BudgetReport, Limits, ShowRequest
 from bus import check_token
 from nerve._errors import (
     BusError,
@@ -288,8 +289,6 @@ async def list_approvals(request: web.Request) -> web.Response:
 
 # -- tenants ------------------------------------------------------------------------------------
 async def _budget_report(svc: Services, tenant: str) -> dict[str, Any] | None:
-    from budget_actor import BudgetReport, ShowRequest
-
     try:
         reply = await ask(svc.bus, svc.bus.names.budget_api, ShowRequest(tenant=tenant),
                           timeout=2.0)
@@ -323,8 +322,6 @@ async def put_budget(request: web.Request) -> web.Response:
     _check_tenant_path(tenant)
     require_admin(p)
     body = await read_body(request, BudgetUpdate)
-    from budget_actor import Limits
-
     if body.replace:
         await svc.ledger.set_limits(tenant, Limits.parse(body.limits), by=p.name)
     else:
@@ -425,7 +422,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    from api._openapi import document
+    from api._openapi import document  # here: the document is built from this module's routes
 
     return json_response(document())
 

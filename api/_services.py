@@ -19,6 +19,7 @@ from api._projections import Batch, Record, fold
 from api._projector import Projector
 from api._readmodel import ReadModel, run_view
 from api._tail import Tails
+from budget_actor import Ledger
 from bus import Bus, check_token
 from nerve._errors import ConfigError, NerveError, RunNotFound, TaskRejected
 from persistence import RunHistory, RunStarted
@@ -67,13 +68,11 @@ class Services:
     # Set when the server stops: open streams end at once (without `end`), and their
     # clients reconnect, with their last id, to whichever server answers next.
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
-    _ledger: Any = None
+    _ledger: Ledger | None = None
 
     @property
-    def ledger(self) -> Any:
+    def ledger(self) -> Ledger:
         if self._ledger is None:
-            from budget_actor import Ledger
-
             self._ledger = Ledger(self.bus)
         return self._ledger
 
