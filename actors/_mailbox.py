@@ -17,7 +17,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from nats.aio.msg import Msg
@@ -118,22 +118,49 @@ def dead_letter_for(msg: Msg, consumer: str, reason: str, error: dict[str, Any] 
 Processor = Callable[[Msg], Awaitable[None]]
 
 
-@dataclass(eq=False)
+class _Handlers:
+    """Bounded handler slots and the tasks in them (shared by both mailboxes)."""
+
+    def __init__(self, process: Processor, concurrency: int) -> None:
+        self.process = process
+        self.concurrency = concurrency
+        self.slots = asyncio.Semaphore(concurrency)
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def start(self, msg: Msg) -> None:
+        """Run ``process(msg)`` in a slot the caller has already acquired."""
+        task = asyncio.create_task(self._run_one(msg))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _run_one(self, msg: Msg) -> None:
+        try:
+            await self.process(msg)
+        finally:
+            self.slots.release()
+
+    async def drain(self, timeout: float) -> None:
+        """Let handlers finish what they hold; unfinished ones are redelivered elsewhere."""
+        if not self.tasks:
+            return
+        _done, pending = await asyncio.wait(set(self.tasks), timeout=timeout)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+
+
 class PullMailbox:
     """Runs a :class:`WorkQueue`: fetches only into free slots, hands each message over."""
 
-    spec: WorkQueue
-    bus: Bus
-    process: Processor
-    concurrency: int
-    _slots: asyncio.Semaphore = field(init=False)
-    _tasks: set[asyncio.Task[None]] = field(init=False, default_factory=set)
-    _loop_task: asyncio.Task[None] | None = field(init=False, default=None)
-    _sub: Any = field(init=False, default=None)
-    _closing: bool = field(init=False, default=False)
-
-    def __post_init__(self) -> None:
-        self._slots = asyncio.Semaphore(self.concurrency)
+    def __init__(self, spec: WorkQueue, bus: Bus, process: Processor, concurrency: int,
+                 ) -> None:
+        self.spec = spec
+        self.bus = bus
+        self._handlers = _Handlers(process, concurrency)
+        self._loop_task: asyncio.Task[None] | None = None
+        self._sub: Any = None
+        self._closing = False
 
     def consumer_config(self) -> ConsumerConfig:
         s = self.spec
@@ -165,11 +192,12 @@ class PullMailbox:
         self._loop_task = asyncio.create_task(self._loop(), name=f"mailbox:{self.spec.durable}")
 
     async def _loop(self) -> None:
+        slots, concurrency = self._handlers.slots, self._handlers.concurrency
         while not self._closing:
-            await self._slots.acquire()
+            await slots.acquire()
             want = 1
-            while want < self.concurrency and not self._slots.locked():
-                await self._slots.acquire()
+            while want < concurrency and not slots.locked():
+                await slots.acquire()
                 want += 1
             try:
                 msgs = await self._sub.fetch(want, timeout=self.spec.poll)
@@ -182,11 +210,9 @@ class PullMailbox:
                 msgs = []
                 await self._recover(repr(exc))
             for _ in range(want - len(msgs)):
-                self._slots.release()
+                slots.release()
             for msg in msgs:
-                task = asyncio.create_task(self._run_one(msg))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._handlers.start(msg)
 
     async def _recover(self, why: str) -> None:
         log.warning("mailbox %s lost its consumer (%s); re-subscribing", self.spec.durable, why)
@@ -195,12 +221,6 @@ class PullMailbox:
             if self._sub is not None:
                 await self._sub.unsubscribe()
             await self._subscribe()
-
-    async def _run_one(self, msg: Msg) -> None:
-        try:
-            await self.process(msg)
-        finally:
-            self._slots.release()
 
     async def close(self, timeout: float) -> None:
         if self._loop_task is not None:
@@ -214,32 +234,21 @@ class PullMailbox:
             if not self._loop_task.done():
                 log.error("mailbox %s: the fetch loop did not stop; abandoning it",
                           self.spec.durable)
-        if self._tasks:
-            # Let handlers finish what they hold; unfinished ones are redelivered elsewhere.
-            _done, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending)
+        await self._handlers.drain(timeout)
         if self._sub is not None:
             with contextlib.suppress(NatsClientError, asyncio.TimeoutError):
                 await self._sub.unsubscribe()
 
 
-@dataclass(eq=False)
 class SubscriptionMailbox:
     """Runs a :class:`Requests` mailbox on a core subscription."""
 
-    spec: Requests
-    bus: Bus
-    process: Processor
-    concurrency: int
-    _slots: asyncio.Semaphore = field(init=False)
-    _tasks: set[asyncio.Task[None]] = field(init=False, default_factory=set)
-    _sub: Any = field(init=False, default=None)
-
-    def __post_init__(self) -> None:
-        self._slots = asyncio.Semaphore(self.concurrency)
+    def __init__(self, spec: Requests, bus: Bus, process: Processor, concurrency: int,
+                 ) -> None:
+        self.spec = spec
+        self.bus = bus
+        self._handlers = _Handlers(process, concurrency)
+        self._sub: Any = None
 
     async def open(self) -> None:
         self._sub = await self.bus.nc.subscribe(
@@ -249,24 +258,11 @@ class SubscriptionMailbox:
     async def _on_msg(self, msg: Msg) -> None:
         # Waiting here holds back the subscription's delivery: backpressure, bounded by
         # the client's pending limits.
-        await self._slots.acquire()
-        task = asyncio.create_task(self._run_one(msg))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _run_one(self, msg: Msg) -> None:
-        try:
-            await self.process(msg)
-        finally:
-            self._slots.release()
+        await self._handlers.slots.acquire()
+        self._handlers.start(msg)
 
     async def close(self, timeout: float) -> None:
         if self._sub is not None:
             with contextlib.suppress(NatsClientError):
                 await self._sub.unsubscribe()
-        if self._tasks:
-            _done, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending)
+        await self._handlers.drain(timeout)

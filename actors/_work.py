@@ -99,6 +99,7 @@ class StepWorker(Actor[WorkItem]):
     # How long the owner may take to record a result before we store it durably instead
     # (it may have died holding our request). Short: a takeover waits on it.
     reply_timeout: ClassVar[float] = 1.0
+    passthrough: ClassVar[tuple[type[BaseException], ...]] = ()
 
     def __init__(self, name: str | None = None, worker_id: str | None = None) -> None:
         super().__init__(name)
@@ -120,32 +121,41 @@ class StepWorker(Actor[WorkItem]):
     async def execute(self, item: WorkItem, delivery: Delivery) -> Any:
         raise NotImplementedError
 
-    async def handle(self, message: WorkItem, delivery: Delivery) -> None:
+    async def perform(self, message: WorkItem, delivery: Delivery) -> StepResult:
+        """Run the step (or recall its result) and turn the outcome into a ``StepResult``.
+
+        Exceptions in ``passthrough`` are not results: they propagate to the caller.
+        """
         cached = self._recent.get((message.key, message.attempt))
-        if cached is None:
-            started = time.perf_counter()
-            beat = (asyncio.create_task(self._heartbeat_owner(message))
-                    if message.meta.get("heartbeat_timeout") and message.result_to else None)
-            try:
-                value = await self.execute(message, delivery)
-                result = StepResult(run_id=message.run_id, index=message.index,
-                                    attempt=message.attempt, key=message.key, ok=True,
-                                    result=value, worker=self.worker_id)
-            except asyncio.CancelledError:
-                raise
-            except NerveError as exc:
-                result = self._error(message, exc.to_wire())
-            except Exception as exc:
-                log.exception("%s: step %s failed", self.name, message.key)
-                result = self._error(message, {"type": type(exc).__name__, "message": str(exc),
-                                               "retryable": True, "fields": {}})
-            finally:
-                if beat is not None:
-                    beat.cancel()
-            result.duration_ms = (time.perf_counter() - started) * 1000
-            self._remember(message, result)
-        else:
-            result = cached
+        if cached is not None:
+            return cached
+        started = time.perf_counter()
+        beat = (asyncio.create_task(self._heartbeat_owner(message))
+                if message.meta.get("heartbeat_timeout") and message.result_to else None)
+        try:
+            value = await self.execute(message, delivery)
+            result = StepResult(run_id=message.run_id, index=message.index,
+                                attempt=message.attempt, key=message.key, ok=True,
+                                result=value, worker=self.worker_id)
+        except self.passthrough:
+            raise
+        except asyncio.CancelledError:
+            raise
+        except NerveError as exc:
+            result = self._error(message, exc.to_wire())
+        except Exception as exc:
+            log.exception("%s: step %s failed", self.name, message.key)
+            result = self._error(message, {"type": type(exc).__name__, "message": str(exc),
+                                           "retryable": True, "fields": {}})
+        finally:
+            if beat is not None:
+                beat.cancel()
+        result.duration_ms = (time.perf_counter() - started) * 1000
+        self._remember(message, result)
+        return result
+
+    async def handle(self, message: WorkItem, delivery: Delivery) -> None:
+        result = await self.perform(message, delivery)
         # The slot this handler holds bounds how many steps run at once, not how many
         # results are on their way: deliver in the background, ack (or nak) when delivered.
         delivery.settled = True
@@ -182,10 +192,10 @@ class StepWorker(Actor[WorkItem]):
         assert self.bus is not None and item.result_to
         every = float(item.meta["heartbeat_timeout"]) / 3
         headers = {H_HEARTBEAT: f"{item.index}:{item.attempt}"}
-        while True:
-            await asyncio.sleep(every)
+        while True:  # the first beat says "started", then one every third of the timeout
             with contextlib.suppress(NatsClientError):
                 await self.bus.nc.publish(item.result_to, b"", headers=headers)
+            await asyncio.sleep(every)
 
     async def reply(self, item: WorkItem, result: StepResult) -> None:
         """Hand ``result`` to the run's owner; failing that, store it on the durable inbox."""

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 from typing import Any
 
 from nats.errors import Error as NatsClientError
 
-from actors import Delivery, StepResult, StepWorker, WorkItem, WorkQueue, encode
+from actors import Delivery, StepWorker, WorkItem, WorkQueue, encode
 from bus import Names
-from nerve import NerveError
 from persistence import StreamEvent
 from sandbox_actor._runner import Fenced, SandboxRunner
 
@@ -28,6 +25,7 @@ class SandboxWorker(StepWorker):
     """
 
     concurrency = 1  # a sandbox's steps are sequential
+    passthrough = (Fenced,)  # not a result: the item goes back to the queue
     ack_wait = 30.0
     max_deliver = 20
 
@@ -49,36 +47,15 @@ class SandboxWorker(StepWorker):
         if not self.host.lease_held:
             raise Fenced(f"host {self.runner.host_id} may have lost its lease; not running "
                          f"{message.key}", key=message.key)
-        cached = self._recent.get((message.key, message.attempt))
-        if cached is not None:
-            await self.reply(message, cached)
-            return
-        started = time.perf_counter()
-        # The run's owner may expect liveness for long steps (the workflow's heartbeat).
-        beat = (asyncio.create_task(self._heartbeat_owner(message))
-                if message.meta.get("heartbeat_timeout") and message.result_to else None)
         try:
-            value = await self.runner.perform(message, self._streamer(message))
-            result = StepResult(run_id=message.run_id, index=message.index,
-                                attempt=message.attempt, key=message.key, ok=True,
-                                result=value, worker=self.worker_id)
+            result = await self.perform(message, delivery)
         except Fenced:
             self.host.fenced(self.runner)
             raise
-        except asyncio.CancelledError:
-            raise
-        except NerveError as exc:
-            result = self._error(message, exc.to_wire())
-        except Exception as exc:
-            log.exception("sandbox step %s failed", message.key)
-            result = self._error(message, {"type": type(exc).__name__, "message": str(exc),
-                                           "retryable": True, "fields": {}})
-        finally:
-            if beat is not None:
-                beat.cancel()
-        result.duration_ms = (time.perf_counter() - started) * 1000
-        self._remember(message, result)
         await self.reply(message, result)
+
+    async def execute(self, item: WorkItem, delivery: Delivery) -> Any:
+        return await self.runner.perform(item, self._streamer(item))
 
     def _streamer(self, item: WorkItem):
         if not self.stream_output or item.name != "exec":

@@ -193,25 +193,22 @@ class Lease:
             await asyncio.sleep(interval)
             try:
                 await self.renew()
+                continue
             except LeaseLostError as exc:
-                log.warning("%s", exc)
-                if on_lost is not None:
-                    result = on_lost(exc)
-                    if asyncio.iscoroutine(result):
-                        await result
-                return
+                lost = exc
             except (TimeoutError, NatsClientError) as exc:
                 # The bus is briefly away: keep trying while the lease may still be valid.
-                if not self.held:
-                    self.revision = None
-                    lost = LeaseLostError(f"lease {self.key} lapsed while NATS was unreachable "
-                                          f"({exc!r})", key=self.key)
-                    log.warning("%s", lost)
-                    if on_lost is not None:
-                        result = on_lost(lost)
-                        if asyncio.iscoroutine(result):
-                            await result
-                    return
+                if self.held:
+                    continue
+                self.revision = None
+                lost = LeaseLostError(f"lease {self.key} lapsed while NATS was unreachable "
+                                      f"({exc!r})", key=self.key)
+            log.warning("%s", lost)
+            if on_lost is not None:
+                result = on_lost(lost)
+                if asyncio.iscoroutine(result):
+                    await result
+            return
 
     async def stop_keep_alive(self) -> None:
         if self._keeper is not None:

@@ -435,7 +435,13 @@ class RunDriver:
         elif isinstance(item, _Heartbeat):
             op = self._open.get(item.index)
             if op is not None and op.attempt == item.attempt:
+                first = op.last_heartbeat == 0.0
                 op.last_heartbeat = time.time()
+                policy = op.command.policy
+                if first and policy is not None and policy.heartbeat_timeout:
+                    # The clock starts when a worker starts the step (its first beat):
+                    # time in the queue is the step timeout's business.
+                    self._arm_heartbeat(op, policy.heartbeat_timeout)
         elif isinstance(item, _Inbox):
             self._on_inbox_message(item.message, item.seq, events)
         elif isinstance(item, _Timer):
@@ -596,8 +602,13 @@ class RunDriver:
             self._emits.extend(self.instance.take_emits())
         emits, self._emits = self._emits, []
         for ev in emits:
+            # Pipelined, not awaited one by one: live output must not cost the run an fsync
+            # per event. Published before the dispatches below, on the same connection, so
+            # the stream shows a tool call starting before anything the tool says.
             with contextlib.suppress(NatsClientError, asyncio.TimeoutError):
-                await self.bus.js.publish(self.names.stream(self.run_id), encode(ev))
+                ack = await self.bus.js.publish_async(self.names.stream(self.run_id),
+                                                      encode(ev), wait_stall=5.0)
+                self._background(self._confirm_emit(ack))
         await self._dispatch_pending()
 
     def _start_open_steps(self) -> None:
@@ -661,21 +672,30 @@ class RunDriver:
                 {"Nats-Msg-Id": f"work:{key}:{op.attempt}"})
         # Not waiting for the work queue's ack keeps a round trip off every step's critical
         # path; the ack is checked in the background and a lost item is dispatched again.
-        ack = await self.bus.js.publish_async(cmd.subject, encode(item), headers=headers)
-        confirm = asyncio.create_task(self._confirm_dispatch(op, op.attempt, ack))
-        self._confirms.add(confirm)
-        confirm.add_done_callback(self._confirms.discard)
+        ack = await self.bus.js.publish_async(cmd.subject, encode(item), headers=headers,
+                                              wait_stall=5.0)
+        self._background(self._confirm_dispatch(op, op.attempt, ack))
         op.dispatched = True
         crash_point("dispatched", cmd.index)
-        op.last_heartbeat = time.time()
+        op.last_heartbeat = 0.0  # not started by a worker yet
         if deadline is not None:
             self._arm(op, deadline, "timeout")
-        if policy.heartbeat_timeout:
-            self._arm_heartbeat(op, policy.heartbeat_timeout)
 
     def _trace(self, op: _Open) -> None:
         if op.span is None and self.started is not None:
             op.span = start_step_span(self.started, op.command, op.attempt)
+
+    def _background(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._confirms.add(task)
+        task.add_done_callback(self._confirms.discard)
+
+    async def _confirm_emit(self, ack: asyncio.Future[Any]) -> None:
+        try:
+            # On timeout wait_for cancels the ack future, which frees nats-py's slot for it.
+            await asyncio.wait_for(ack, timeout=10.0)
+        except (NatsClientError, TimeoutError) as exc:
+            log.warning("run %s: a live event was not stored: %r", self.run_id, exc)
 
     def _run_local(self, op: _Open) -> None:
         """A local activity: run it here, in the orchestrator, instead of on a worker.
@@ -685,9 +705,7 @@ class RunDriver:
         """
         op.dispatched = True
         self._trace(op)
-        task = asyncio.create_task(self._local(op, op.attempt))
-        self._confirms.add(task)
-        task.add_done_callback(self._confirms.discard)
+        self._background(self._local(op, op.attempt))
 
     async def _local(self, op: _Open, attempt: int) -> None:
         from workflow._activity import ActivityContext, call_activity
