@@ -149,6 +149,11 @@ async def provision(bus: Bus, limits: StreamLimits | None = None,
         bucket=names.budgets_bucket, history=8, storage=StorageType.FILE,
         replicas=limits.replicas,
     ))
+    # API keys: one record per key id holding the key's hash and tenant, never the key.
+    await _ensure_kv(bus, KeyValueConfig(
+        bucket=names.apikeys_bucket, history=1, storage=StorageType.FILE,
+        replicas=limits.replicas,
+    ))
     try:
         await bus.js.object_store(names.snapshots_bucket)
     except NotFoundError:

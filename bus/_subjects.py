@@ -91,6 +91,17 @@ class Names:
     def snapshots_bucket(self) -> str:
         return f"{self.prefix}-snapshots"
 
+    @property
+    def apikeys_bucket(self) -> str:
+        """HTTP API keys, one per key id, stored hashed (never the key itself)."""
+        return f"{self.prefix}-apikeys"
+
+    # -- consumers ---------------------------------------------------------------------
+    @staticmethod
+    def readmodel_consumer(instance: str) -> str:
+        """Durable consumer of the run histories feeding one read model (one per API DB)."""
+        return f"readmodel-{check_token('read model instance', instance)}"
+
     # -- subjects ----------------------------------------------------------------------
     def tasks(self, tenant: str = "*") -> str:
         return f"{self.prefix}.tasks.{self._id(tenant, 'tenant')}"
@@ -195,6 +206,10 @@ class Names:
     def budget_lease(name: str) -> str:
         """Leader lease of a budget duty (``breaker``) in the leases bucket."""
         return f"budget.{check_token('budget duty', name)}"
+
+    @staticmethod
+    def apikey_key(key_id: str) -> str:
+        return f"key.{check_token('API key id', key_id)}"
 
     @staticmethod
     def snapshot_name(sandbox_id: str, seq: int) -> str:

@@ -10,7 +10,19 @@ from nerve import NerveError, __version__
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from cli import _budget, _demo, _gateway, _runs, _sandbox, _up, _upstream, _worker
+    from cli import (
+        _api,
+        _budget,
+        _demo,
+        _gateway,
+        _logs,
+        _reindex,
+        _runs,
+        _sandbox,
+        _up,
+        _upstream,
+        _worker,
+    )
 
     parser = argparse.ArgumentParser(
         prog="nerve", description="nerve: long-lived LLM agents as durable workflows on NATS.")
@@ -24,6 +36,9 @@ def _build_parser() -> argparse.ArgumentParser:
     _budget.register(sub)
     _upstream.register(sub)
     _gateway.register(sub)
+    _api.register(sub)
+    _logs.register(sub)
+    _reindex.register(sub)
     _sandbox.register(sub)
     return parser
 

@@ -33,10 +33,11 @@ ROLES: dict[str, str] = {
     "budget": "budget_actor._role:run_budget",
     "gateway": "gateway_actor._role:run_gateway",
     "sandbox": "sandbox_actor._roles:run_sandbox_host",
+    "api": "api._role:run_api",
 }
 
 # What `nerve up` starts by default, in start order.
-DEFAULT_UP_ROLES: list[str] = ["orchestrator", "activity", "budget", "gateway", "sandbox"]
+DEFAULT_UP_ROLES: list[str] = ["orchestrator", "activity", "budget", "gateway", "sandbox", "api"]
 
 
 def load_role(role: str) -> RoleRunner:

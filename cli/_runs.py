@@ -30,11 +30,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     add_target_args(p)
     p.set_defaults(func=lambda a: run(_run(a)))
 
-    p = sub.add_parser("runs", help="list runs")
+    p = sub.add_parser("runs", help="list runs (from the API's read model when it is up)")
     p.add_argument("--tenant", default=None)
     p.add_argument("--status", default=None)
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--api-url", default=None, help="the HTTP API (default: the running "
+                   "`nerve up`; without one the histories are scanned)")
+    p.add_argument("--api-key", default=None)
     add_target_args(p)
     p.set_defaults(func=lambda a: run(_runs(a)))
 
@@ -153,6 +156,21 @@ async def _list_run_ids(bus) -> list[str]:
 
 
 async def _runs(args: argparse.Namespace) -> int:
+    from cli._api import list_runs_via_api
+
+    # The read model answers at once; scanning every history is the fallback.
+    rows = await list_runs_via_api(args)
+    if rows is not None:
+        if args.json:
+            print(json.dumps(rows, default=str))
+            return 0
+        print(f"{'RUN':<30} {'TENANT':<12} {'WORKFLOW':<12} {'STATUS':<10} {'STEPS':>5} "
+              f"{'COST':>10}  STARTED")
+        for r in rows:
+            started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created_at"]))
+            print(f"{r['run_id']:<30} {r['tenant']:<12} {r['workflow']:<12} {r['status']:<10} "
+                  f"{r['steps']:>5} {'$' + format(r['cost_usd'], '.4f'):>10}  {started}")
+        return 0
     bus = await connect_target(args)
     try:
         rows = []

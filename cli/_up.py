@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -51,6 +52,9 @@ def add_up_args(p: argparse.ArgumentParser) -> None:
                    help="a module registering your workflows/activities (repeatable)")
     p.add_argument("--lazy-sync", action="store_true",
                    help="NATS fsyncs lazily (faster; acked writes can be lost on power loss)")
+    p.add_argument("--http-port", type=int, default=0,
+                   help="port of the HTTP API and console (0 = a free one)")
+    p.add_argument("--http-host", default="127.0.0.1", help="address the HTTP API listens on")
     p.add_argument("--set", action="append", default=[], metavar="ROLE.KEY=VALUE",
                    help="a setting for one role, e.g. orchestrator.host_ttl=1")
 
@@ -71,6 +75,7 @@ class Cluster:
         self.procs: dict[str, OsProcess] = {}
         self.supervisor: Supervisor | None = None
         self.http_url: str | None = None
+        self.http_port: int | None = None
         self._state_lock = asyncio.Lock()
         self._rewrites: set[asyncio.Task[None]] = set()
         self._tree: asyncio.Task[None] | None = None
@@ -80,6 +85,9 @@ class Cluster:
 
     def _role_settings(self, role: str) -> list[str]:
         out = []
+        if role == "api" and self.http_port:
+            # Chosen once here, so a restarted api process listens where clients look.
+            out += ["--set", f"host={self.args.http_host}", "--set", f"port={self.http_port}"]
         for pair in self.args.set:
             scope, _, rest = pair.partition(".")
             if scope == role and rest:
@@ -91,6 +99,11 @@ class Cluster:
         (self.data_dir / STATE_FILE).unlink(missing_ok=True)
         logs = self.data_dir / "logs"
         logs.mkdir(exist_ok=True)
+        if "api" in self.roles:
+            self.http_port = self.args.http_port or _free_port(self.args.http_host)
+            shown = "127.0.0.1" if self.args.http_host in ("0.0.0.0", "") else \
+                self.args.http_host
+            self.http_url = f"http://{shown}:{self.http_port}"
         children: list[ChildSpec] = []
         if not self.nats_url:
             self.server = EmbeddedNats(EmbeddedNatsConfig(
@@ -194,6 +207,12 @@ class Cluster:
         (self.data_dir / STATE_FILE).unlink(missing_ok=True)
 
 
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
 async def up_main(args: argparse.Namespace) -> int:
     cluster = Cluster(args)
     main = asyncio.current_task()
@@ -207,6 +226,9 @@ async def up_main(args: argparse.Namespace) -> int:
         print(f"  NATS:   {st['nats_url']}   (prefix {args.prefix})")
         for role, info in st["roles"].items():
             print(f"  {role:<13} pid {info['pid']}   log {cluster.data_dir / 'logs' / role}.log")
+        if st["http_url"]:
+            print(f"  HTTP:   {st['http_url']}   (console; admin key in "
+                  f"{cluster.data_dir / 'admin.key'})")
         print(f"  state:  {cluster.data_dir / STATE_FILE}")
         print(f"try:  nats pub --server {st['nats_url']} {args.prefix}.tasks.acme "
               "'{\"task\": \"...\"}'   or   nerve run \"...\"", flush=True)

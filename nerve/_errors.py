@@ -35,10 +35,17 @@
     ├── GatewayError
     │   ├── UpstreamError           the model provider failed (status, retryable)
     │   └── InvalidLLMRequest       a request a provider can never accept
-    └── SandboxError
-        ├── SandboxUnavailable      no backend can run here / the sandbox is gone
-        ├── SandboxCrashed          the sandbox died while running a step
-        └── EgressDenied            a destination outside the sandbox's policy
+    ├── SandboxError
+    │   ├── SandboxUnavailable      no backend can run here / the sandbox is gone
+    │   ├── SandboxCrashed          the sandbox died while running a step
+    │   └── EgressDenied            a destination outside the sandbox's policy
+    ├── ApiError                    an HTTP API request cannot be served (status, code)
+    │   ├── Unauthenticated         no API key, or an unknown or revoked one (401)
+    │   ├── PermissionDenied        the key may not do that: another tenant's, admin only (403)
+    │   ├── InvalidRequest          a malformed body, parameter or signal (400/413/422)
+    │   ├── Conflict                the run's state does not allow it (finished, no such wait) (409)
+    │   └── Overloaded              too many streams or requests; retry after retry_after_ms (503)
+    └── ReadModelError              the read model (sqlite projections) failed or is rebuilding
 
 Errors carry the ids they are about as fields (``run_id``, ``index``, ``subject``...) and
 survive crossing the bus: :meth:`NerveError.to_wire` gives a msgpack-able dict and
@@ -262,3 +269,52 @@ class SandboxCrashed(SandboxError):
 
 class EgressDenied(SandboxError):
     """The destination is not allowed by the sandbox's egress policy."""
+
+
+class ApiError(NerveError):
+    """An HTTP API request cannot be served; ``status`` and ``code`` say how it answers."""
+
+    status: int = 400
+    code: str = "bad_request"
+
+
+class Unauthenticated(ApiError):
+    """No API key was sent, or it is unknown or revoked."""
+
+    status = 401
+    code = "unauthenticated"
+
+
+class PermissionDenied(ApiError):
+    """The key is valid but may not do this (another tenant's resource, or admin only)."""
+
+    status = 403
+    code = "forbidden"
+
+
+class InvalidRequest(ApiError):
+    """A request body, parameter or signal is malformed; the message names the field."""
+
+    status = 422
+    code = "invalid_request"
+
+
+class Conflict(ApiError):
+    """The run's state does not allow the request (it ended, nothing waits for that)."""
+
+    status = 409
+    code = "conflict"
+
+
+class Overloaded(ApiError):
+    """Too many streams or requests at once; ``retry_after_ms`` says when to try again."""
+
+    status = 503
+    code = "overloaded"
+    retryable = True
+
+
+class ReadModelError(NerveError):
+    """The read model (the sqlite projections) failed, or is being rebuilt."""
+
+    retryable = True

@@ -15,6 +15,8 @@ import sys
 REQUIREMENTS: list[tuple[str, list[str], str]] = [
     ("runsc", ["runsc"], "the gvisor sandbox backend's tests (tests/test_sandbox_gvisor.py)"),
     ("openssl", ["openssl"], "the sandbox egress proxy's TLS tests (a self-signed server)"),
+    ("chromium", ["chromium", "chromium-driver"], "the web console tests drive headless Chromium"),
+    ("chromedriver", ["chromium", "chromium-driver"], "the web console tests use chromedriver"),
 ]
 
 
