@@ -5,6 +5,7 @@ from actors._codec import JSON, MSGPACK, decode, encode, encode_json, unpack
 from actors._envelope import Envelope, new_id
 from actors._mailbox import DeadLetter, Requests, WorkQueue, publish_dead_letter
 from actors._poison import PoisonKeeper
+from actors._tasks import cancel_and_wait, stop_task
 from actors._telemetry import configure_tracing
 from actors._work import H_HEARTBEAT, StepResult, StepWorker, WorkItem
 
@@ -25,6 +26,7 @@ __all__ = [
     "WorkItem",
     "WorkQueue",
     "ask",
+    "cancel_and_wait",
     "configure_tracing",
     "decode",
     "encode",
@@ -32,5 +34,6 @@ __all__ = [
     "new_id",
     "publish_dead_letter",
     "run",
+    "stop_task",
     "unpack",
 ]

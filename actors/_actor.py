@@ -176,9 +176,13 @@ class Actor(Generic[M]):
         if self._failed is not None and not self._failed.done():
             self._failed.set_exception(exc)
 
-    async def run(self, bus: Bus) -> None:
-        """Start, serve until cancelled or :meth:`fail`-ed, then stop. A supervisor child."""
+    async def run(self, bus: Bus, ready: asyncio.Event | None = None) -> None:
+        """Start, serve until cancelled or :meth:`fail`-ed, then stop. A supervisor child.
+
+        ``ready`` is set once the mailbox is open."""
         await self.start(bus)
+        if ready is not None:
+            ready.set()
         try:
             assert self._failed is not None
             await self._failed

@@ -29,6 +29,7 @@ from nats.js.errors import NotFoundError
 from pydantic import BaseModel, Field
 
 from actors._codec import encode
+from actors._tasks import cancel_and_wait
 from bus import Bus
 
 log = logging.getLogger("nerve.actors.mailbox")
@@ -144,10 +145,7 @@ class _Handlers:
         if not self.tasks:
             return
         _done, pending = await asyncio.wait(set(self.tasks), timeout=timeout)
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.wait(pending)
+        await cancel_and_wait(pending, timeout=5.0)
 
 
 class PullMailbox:
@@ -226,12 +224,10 @@ class PullMailbox:
         if self._loop_task is not None:
             self._closing = True
             # nats-py's fetch can swallow a cancellation (asyncio.wait_for on Python 3.11
-            # drops it when the awaited get completes at the same moment), so the flag
-            # above, not the cancel alone, is what ends the loop: at the latest when the
-            # fetch in flight returns, within `poll` seconds.
-            self._loop_task.cancel()
-            await asyncio.wait({self._loop_task}, timeout=self.spec.poll + 1.0)
-            if not self._loop_task.done():
+            # drops it when the awaited get completes at the same moment): the flag ends
+            # the loop at the latest when the fetch in flight returns; the repeated cancel
+            # usually sooner.
+            if await cancel_and_wait([self._loop_task], timeout=self.spec.poll + 1.0):
                 log.error("mailbox %s: the fetch loop did not stop; abandoning it",
                           self.spec.durable)
         await self._handlers.drain(timeout)

@@ -26,9 +26,9 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
+from actors import stop_task
 from api._projections import Record
 from api._readmodel import ReadModel
-from api._tasks import stop_task
 from bus import Bus
 from nerve._errors import CodecError, NerveError, ReadModelError
 from persistence import decode_record, direct_get_subject

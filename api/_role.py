@@ -8,6 +8,7 @@ admin key is ``$NERVE_ADMIN_KEY`` or ``<data-dir>/admin.key`` (created, mode 060
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from api._config import ApiConfig
@@ -27,7 +28,13 @@ async def run_api(bus: Bus, opts: Any) -> None:
     admin = load_admin_key(data_dir, create=data_dir is not None)
     if admin:
         config.admin_keys = [admin]
-    await ApiServer(bus, config).serve_forever()
+    server = ApiServer(bus, config)
+    await server.start()  # listening once this returns
+    opts.ready.set()
+    try:
+        await asyncio.Future()  # until cancelled
+    finally:
+        await server.stop()
 
 
 __all__ = ["run_api"]

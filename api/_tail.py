@@ -36,8 +36,7 @@ from nats.errors import Error as NatsClientError
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
-from actors import decode
-from api._tasks import stop_task
+from actors import decode, stop_task
 from bus import Bus
 from nerve._errors import CodecError, HistoryError, Overloaded
 from persistence import StreamEvent

@@ -23,4 +23,4 @@ async def run_budget(bus: Bus, opts: Any) -> None:
                         sweep_interval=float(settings.get("sweep_interval", 1.0)),
                         breaker=_flag(settings.get("breaker", True)),
                         lease_ttl=float(settings.get("lease_ttl", 5.0)))
-    await actor.run(bus)
+    await actor.run(bus, ready=opts.ready)

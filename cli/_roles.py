@@ -6,6 +6,7 @@ imports only what its role needs.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -18,11 +19,13 @@ from nerve import ConfigError
 
 @dataclass(slots=True)
 class RoleOptions:
-    """What a role gets besides the bus."""
+    """What a role gets besides the bus. A role sets ``ready`` once it serves: until then
+    the process does not answer pings, and ``nerve up`` does not call it started."""
 
     id: str
     data_dir: Path | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 RoleRunner = Callable[[Bus, RoleOptions], Awaitable[None]]

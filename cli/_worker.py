@@ -88,6 +88,13 @@ async def worker_main(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: main.cancel() if main else None)
     role_task = asyncio.create_task(runner(bus, opts), name=f"role:{args.role}")
+    ready = asyncio.create_task(opts.ready.wait())
+    await asyncio.wait({role_task, ready}, return_when=asyncio.FIRST_COMPLETED)
+    ready.cancel()
+    if role_task.done():  # it failed (or ended) before it was serving
+        await bus.close()
+        role_task.result()
+        return 0
     await status.start(bus)
     keeper = PoisonKeeper()
     await keeper.start(bus)

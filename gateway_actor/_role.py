@@ -33,6 +33,7 @@ async def run_gateway(bus: Bus, opts: Any) -> None:
         for actor in actors:
             await actor.start(bus)
             started.append(actor)
+        opts.ready.set()
         await asyncio.Event().wait()  # until cancelled
     finally:
         errors: list[BaseException] = []

@@ -42,6 +42,7 @@ async def run_sandbox_host(bus: Bus, opts: Any) -> None:
     placement = Placement(bus)
     await host.start()
     await placement.start()
+    opts.ready.set()
     try:
         await host.wait()
     finally:

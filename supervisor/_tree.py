@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from actors import cancel_and_wait
 from nerve import EscalationError
 
 log = logging.getLogger("nerve.supervisor")
@@ -125,9 +126,7 @@ class Supervisor:
         if running is None or running.task.done():
             return
         running.stopping = True
-        running.task.cancel()
-        done, _ = await asyncio.wait({running.task}, timeout=running.spec.shutdown)
-        if not done:
+        if await cancel_and_wait([running.task], timeout=running.spec.shutdown):
             log.error("[%s] child %s ignored cancellation for %.1fs; abandoning it",
                       self.name, child_id, running.spec.shutdown)
         await self._emit(child_id, "stopped")

@@ -144,3 +144,21 @@ async def test_a_denied_tool_call_is_not_run_and_the_model_is_told(
     finished = [e for e in events if e.type == "tool_call_finished" and e.data["name"] == "run"]
     assert finished[0].data["is_error"] and "denied by bob: not today" in \
         finished[0].data["result"]
+
+
+async def test_an_agent_run_forked_after_a_model_call_replays_and_finishes(
+        agent: NerveClient) -> None:
+    parent = await agent.submit("acme", SCRIPT_TASK)
+    assert (await agent.wait(parent, timeout=60)).status == "completed"
+    events = await agent.history(parent)
+    # Just after the first sandbox step (write_file) completed: its model call replays.
+    cut = next(i for i, e in enumerate(events)
+               if isinstance(e, StepCompleted) and e.kind == "sandbox")
+    fork = await agent.fork(parent, at=cut + 1, tenant="acme")
+    summary = await agent.wait(fork, timeout=60)
+    assert summary.status == "completed", summary
+    assert summary.result["answer"] == "The answer is 42."
+    # The fork's sandbox started from the parent's snapshot after write_file: main.py is
+    # there without being written again.
+    fork_steps = [e for e in await agent.history(fork) if isinstance(e, StepCompleted)]
+    assert [e.name for e in fork_steps].count("write_file") == 1  # the copied one

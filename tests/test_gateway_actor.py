@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -362,13 +361,12 @@ async def test_a_gateway_killed_mid_stream_loses_nothing_and_shows_nothing_twice
 
 
 async def test_the_gateway_role_serves_until_cancelled(bus: Bus) -> None:
-    @dataclass
-    class Opts:
-        id: str = "gw-role"
-        settings: dict[str, Any] = field(default_factory=lambda: {"instances": 2})
+    from cli._roles import RoleOptions
 
-    task = asyncio.create_task(run_gateway(bus, Opts()))
+    opts = RoleOptions(id="gw-role", settings={"instances": 2})
+    task = asyncio.create_task(run_gateway(bus, opts))
     try:
+        await asyncio.wait_for(opts.ready.wait(), 30)
         async with Watch(bus, "run-role") as watch:
             await submit(bus, item(bus, "run-role", llm_args("What is 5 * 5?")))
             result = await watch.result()

@@ -156,7 +156,10 @@ async def agent(ctx: RunContext, inp: AgentInput) -> dict[str, Any]:
             model=inp.model, system=inp.system, messages=messages, tools=specs,
             max_tokens=inp.max_tokens_per_call,
             expected_gap="long" if waits_for_human else "short",
-            metadata={"run_id": ctx.run_id, "tenant": ctx.tenant, "turn": str(turn)}))
+            # Nothing run-specific in the request: a fork replays these steps under its own
+            # run id and must issue byte-identical requests (the gateway knows the run
+            # from the work item).
+            metadata={"turn": str(turn)}))
         u = response.usage
         used_tokens += (u.input_tokens + u.output_tokens + u.cache_read_input_tokens
                         + u.cache_creation_input_tokens)

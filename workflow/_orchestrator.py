@@ -28,7 +28,7 @@ from nats.aio.msg import Msg
 from nats.errors import Error as NatsClientError
 from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
 
-from actors import Actor, Delivery, WorkQueue, encode, encode_json, unpack
+from actors import Actor, Delivery, WorkQueue, cancel_and_wait, encode, encode_json, unpack
 from budget_actor import KillNotice, KillNotices, kill_notices
 from bus import Bus, check_token
 from nerve import (
@@ -126,9 +126,11 @@ class Orchestrator:
         self.ready = asyncio.Event()
 
     # -- lifecycle ------------------------------------------------------------------------------
-    async def run(self) -> None:
+    async def run(self, ready: asyncio.Event | None = None) -> None:
         """Supervisor child: start, serve until cancelled, stop."""
         await self.start()
+        if ready is not None:
+            ready.set()
         try:
             await asyncio.Future()  # until cancelled
         finally:
@@ -160,14 +162,10 @@ class Orchestrator:
         await self._intake.stop()
         if self._kill_notices is not None:
             await self._kill_notices.close()
-        tasks = list(self._driver_tasks.values()) + list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            _done, stuck = await asyncio.wait(tasks, timeout=timeout)
-            if stuck:
-                log.error("orchestrator %s: %d tasks ignored cancellation for %.0fs",
-                          self.owner_id, len(stuck), timeout)
+        stuck = await cancel_and_wait([*self._driver_tasks.values(), *self._tasks], timeout)
+        if stuck:
+            log.error("orchestrator %s: %d tasks still running %.0fs after being cancelled",
+                      self.owner_id, len(stuck), timeout)
         # Release the host lease so peers take our runs now rather than after the TTL.
         with contextlib.suppress(NatsClientError, TimeoutError):
             await asyncio.wait_for(self.host_lease.release(), timeout)
@@ -182,9 +180,7 @@ class Orchestrator:
         # Our clock says our lease may have lapsed: peers may be taking our runs. Stop
         # driving them (their histories are fenced anyway), then come back as a new holder.
         log.error("orchestrator %s lost its host lease: %s", self.owner_id, exc.message)
-        for task in list(self._driver_tasks.values()):
-            task.cancel()
-        await asyncio.gather(*self._driver_tasks.values(), return_exceptions=True)
+        await cancel_and_wait(list(self._driver_tasks.values()))
         while not self._stopping:
             try:
                 await self.host_lease.wait_acquire(poll=0.2)

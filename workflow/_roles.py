@@ -21,9 +21,9 @@ async def run_orchestrator(bus: Bus, opts: Any) -> None:
     guard = Ledger(bus) if _flag(settings.get("budget", True)) else None
     orch = Orchestrator(bus, opts.id, host_ttl=float(settings.get("host_ttl", 2.0)),
                         spawn_guard=guard)
-    await orch.run()
+    await orch.run(ready=opts.ready)
 
 
 async def run_activity_worker(bus: Bus, opts: Any) -> None:
     worker = ActivityWorker(worker_id=opts.id)
-    await worker.run(bus)
+    await worker.run(bus, ready=opts.ready)
