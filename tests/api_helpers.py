@@ -34,25 +34,8 @@ async def engine(bus: Bus, *, token_delay: float = 0.0, ident: str = "o-api",
         yield NerveClient(bus)
     finally:
         await gateway.stop()
-        await _stop_orchestrator(orch)
+        await orch.stop()
         await ledger.close()
-
-
-async def _stop_orchestrator(orch: Orchestrator) -> None:
-    """``orch.stop()``, re-cancelling its run drivers while it waits for them.
-
-    Works around a hang seen here (reported to the workflow engine's owner): on Python 3.11
-    a cancellation that lands while ``asyncio.wait_for`` inside ``js.publish`` completes is
-    lost (gh-86296); the driver then waits on its queue forever and ``stop()``'s gather with
-    it. Cancelling again ends it.
-    """
-    stopping = asyncio.create_task(orch.stop())
-    while not stopping.done():
-        done, _ = await asyncio.wait({stopping}, timeout=1.0)
-        if not done:
-            for task in list(orch._driver_tasks.values()):
-                task.cancel()
-    await stopping
 
 
 def long_task(words: int, salt: str = "") -> str:
