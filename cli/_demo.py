@@ -24,8 +24,7 @@ import nats
 
 from actors import ask, decode, new_id, run
 from bus import ConnectOptions, connect
-from cli._roles import DEFAULT_UP_ROLES, ROLES
-from cli._up import Cluster
+from cli._up import Cluster, add_up_args
 from persistence import OwnerChanged, StepCompleted, StreamEvent
 from workflow import NerveClient, replay_run
 
@@ -55,15 +54,16 @@ async def _demo(args: argparse.Namespace) -> int:
     # The supervisor's own crash line repeats what the demo narrates; keep the output clean.
     logging.getLogger("nerve.supervisor").setLevel(logging.ERROR)
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="nerve-demo-"))
-    roles = [r for r in [*DEFAULT_UP_ROLES, "sandbox"] if r in ROLES]
-    cluster = Cluster(argparse.Namespace(
-        data_dir=data_dir, nats_port=0, nats_url=None, prefix="nerve", roles=",".join(
-            dict.fromkeys(roles)), workflows=[], lazy_sync=False, set=[], http_port=0))
+    # Exactly what `nerve up --data-dir D` would run.
+    up_args = argparse.ArgumentParser()
+    add_up_args(up_args)
+    cluster = Cluster(up_args.parse_args(["--data-dir", str(data_dir)]), narrate=False)
     t0 = time.perf_counter()
     _say(f"starting nerve ({', '.join(cluster.roles)}) with data in {data_dir} ...")
     await cluster.start()
     state = cluster.state()
-    _say(f"up in {time.perf_counter() - t0:.1f}s: NATS at {state['nats_url']}")
+    _say(f"up in {time.perf_counter() - t0:.1f}s: NATS at {state['nats_url']}, "
+         f"console at {state['http_url']}")
     for role, info in state["roles"].items():
         _say(f"  {role:<13} pid {info['pid']}")
     try:

@@ -62,8 +62,9 @@ def add_up_args(p: argparse.ArgumentParser) -> None:
 class Cluster:
     """The supervised process tree of one ``nerve up``."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, narrate: bool = True) -> None:
         self.args = args
+        self.narrate = narrate  # print crashes and restarts as they happen
         self.data_dir: Path = (args.data_dir or default_data_dir()).resolve()
         self.roles = [r.strip() for r in args.roles.split(",") if r.strip()]
         unknown = [r for r in self.roles if r not in ROLES]
@@ -158,7 +159,7 @@ class Cluster:
     async def _on_supervisor_event(self, event: SupervisorEvent) -> None:
         if event.kind in ("started", "restarting") and self.procs:
             self._rewrite_soon()
-        if event.kind == "crashed":
+        if event.kind == "crashed" and self.narrate:
             print(f"nerve: {event.child} crashed ({event.reason}); restarting", flush=True)
 
     def _rewrite_soon(self) -> None:
