@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import bench.workflow_defs as defs
+import bench._workflow_defs as defs
 from actors import run
 from bench._common import embedded_bus, parse_args, pct, report
 from persistence import RunHistory, RunStarted, StepScheduled
@@ -37,7 +37,7 @@ async def spawn(role: str, ident: str, url: str, prefix: str, *extra: str,
                 ) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "cli", "worker", "--role", role, "--id", ident, "--nats-url", url,
-        "--prefix", prefix, "--workflows", "bench.workflow_defs", *extra,
+        "--prefix", prefix, "--workflows", "bench._workflow_defs", *extra,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
 
 

@@ -16,12 +16,13 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Sequence
+from typing import Any
 
 import msgpack
 from nats.errors import Error as NatsClientError
 from nats.js.errors import APIError, NotFoundError
 
-from actors import encode
+from actors import encode, stop_task
 from bus import Bus
 from nerve import CodecError, HistoryError, RunNotFound, StaleWriterError
 from persistence._events import EVENTS_ADAPTER, Event, RunStarted
@@ -194,51 +195,64 @@ class RawHeaders:
         return value
 
 
+async def _direct_batch(bus: Bus, stream: str, subject: str, start: int, batch: int,
+                        ) -> tuple[list[tuple[RawHeaders, bytes]], RawHeaders]:
+    """One batched direct get: the messages, and the end-of-batch (or 404) status."""
+    got: list[tuple[RawHeaders, bytes]] = []
+    done: asyncio.Future[RawHeaders] = asyncio.get_running_loop().create_future()
+
+    def sink(raw: bytes | None, data: bytes) -> None:
+        headers = RawHeaders(raw)
+        if not data and headers.status() is not None:
+            if not done.done():
+                done.set_result(headers)
+        else:
+            got.append((headers, data))
+
+    inbox = bus.nc.new_inbox()
+    sub = await bus.raw_subscribe(inbox, sink)
+    try:
+        req = {"seq": start, "next_by_subj": subject, "batch": batch}
+        await bus.nc.publish(f"$JS.API.DIRECT.GET.{stream}", json.dumps(req).encode(),
+                             reply=inbox)
+        end = await asyncio.wait_for(done, timeout=10.0)
+    except TimeoutError:
+        raise HistoryError(f"no answer reading {subject} from {stream}",
+                           subject=subject, retryable=True) from None
+    finally:
+        await bus.raw_unsubscribe(sub)
+    status = end.status()
+    if status not in ("204", "404"):
+        raise HistoryError(f"direct get on {stream} failed: {status} {end.raw[:200]!r}",
+                           subject=subject)
+    return got, end
+
+
 async def direct_get_subject(bus: Bus, stream: str, subject: str, after_seq: int = 0,
                              batch: int = _DIRECT_BATCH):
     """Yield ``(seq, data, headers)`` of every message on ``subject`` after ``after_seq``.
 
     Uses JetStream's batched direct get (no consumer to create or delete), up to ``batch``
-    messages a round trip, read through a raw subscription: a history read costs little
-    more than the bytes it moves.
+    messages a round trip, read through a raw subscription, with the next batch requested
+    while the caller works through the current one.
     """
-    start = after_seq + 1
-    while True:
-        got: list[tuple[RawHeaders, bytes]] = []
-        done: asyncio.Future[RawHeaders] = asyncio.get_running_loop().create_future()
-
-        def sink(raw: bytes | None, data: bytes, got: list[tuple[RawHeaders, bytes]] = got,
-                 done: asyncio.Future[RawHeaders] = done) -> None:
-            headers = RawHeaders(raw)
-            if not data and headers.status() is not None:
-                if not done.done():
-                    done.set_result(headers)
-            else:
-                got.append((headers, data))
-
-        inbox = bus.nc.new_inbox()
-        sub = await bus.raw_subscribe(inbox, sink)
-        try:
-            req = {"seq": start, "next_by_subj": subject, "batch": batch}
-            await bus.nc.publish(f"$JS.API.DIRECT.GET.{stream}", json.dumps(req).encode(),
-                                 reply=inbox)
-            end = await asyncio.wait_for(done, timeout=10.0)
-        except TimeoutError:
-            raise HistoryError(f"no answer reading {subject} from {stream}",
-                               subject=subject, retryable=True) from None
-        finally:
-            await bus.raw_unsubscribe(sub)
-        status = end.status()
-        if status not in ("204", "404"):
-            raise HistoryError(f"direct get on {stream} failed: {status} "
-                               f"{end.raw[:200]!r}", subject=subject)
-        for headers, data in got:
-            seq = int(headers["Nats-Sequence"])
-            start = seq + 1
-            yield seq, data, headers
-        # 404: nothing (more) on the subject; 204 (end of batch) with more pending: go on.
-        if status == "404" or (end.get("Nats-Num-Pending", "0") == "0" and len(got) < batch):
-            return
+    ahead: asyncio.Task[Any] | None = asyncio.create_task(
+        _direct_batch(bus, stream, subject, after_seq + 1, batch))
+    try:
+        while ahead is not None:
+            got, end = await ahead
+            ahead = None
+            more = end.status() == "204" and (end.get("Nats-Num-Pending", "0") != "0"
+                                              or len(got) >= batch)
+            if more and got:
+                next_start = int(got[-1][0]["Nats-Sequence"]) + 1
+                ahead = asyncio.create_task(
+                    _direct_batch(bus, stream, subject, next_start, batch))
+            for headers, data in got:
+                yield int(headers["Nats-Sequence"]), data, headers
+    finally:
+        if ahead is not None:
+            await stop_task(ahead)
 
 
 async def direct_first(history: RunHistory):
