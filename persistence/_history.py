@@ -195,19 +195,25 @@ class RawHeaders:
         return value
 
 
+_SEQ_HEADER = b"\r\nNats-Sequence:"
+
+
 async def _direct_batch(bus: Bus, stream: str, subject: str, start: int, batch: int,
-                        ) -> tuple[list[tuple[RawHeaders, bytes]], RawHeaders]:
+                        ) -> tuple[list[tuple[int, bytes, RawHeaders]], RawHeaders]:
     """One batched direct get: the messages, and the end-of-batch (or 404) status."""
-    got: list[tuple[RawHeaders, bytes]] = []
+    got: list[tuple[int, bytes, RawHeaders]] = []
     done: asyncio.Future[RawHeaders] = asyncio.get_running_loop().create_future()
 
     def sink(raw: bytes | None, data: bytes) -> None:
-        headers = RawHeaders(raw)
-        if not data and headers.status() is not None:
-            if not done.done():
+        raw = raw or b""
+        i = raw.find(_SEQ_HEADER)
+        if i < 0:  # a control message: end of batch, or nothing there
+            headers = RawHeaders(raw)
+            if headers.status() is not None and not done.done():
                 done.set_result(headers)
-        else:
-            got.append((headers, data))
+            return
+        start = i + len(_SEQ_HEADER)
+        got.append((int(raw[start:raw.find(b"\r\n", start)]), data, RawHeaders(raw)))
 
     inbox = bus.nc.new_inbox()
     sub = await bus.raw_subscribe(inbox, sink)
@@ -245,11 +251,10 @@ async def direct_get_subject(bus: Bus, stream: str, subject: str, after_seq: int
             more = end.status() == "204" and (end.get("Nats-Num-Pending", "0") != "0"
                                               or len(got) >= batch)
             if more and got:
-                next_start = int(got[-1][0]["Nats-Sequence"]) + 1
                 ahead = asyncio.create_task(
-                    _direct_batch(bus, stream, subject, next_start, batch))
-            for headers, data in got:
-                yield int(headers["Nats-Sequence"]), data, headers
+                    _direct_batch(bus, stream, subject, got[-1][0] + 1, batch))
+            for item in got:
+                yield item
     finally:
         if ahead is not None:
             await stop_task(ahead)
