@@ -161,9 +161,15 @@ class Bus:
         url = self.nc.connected_url
         return url.geturl() if url else None
 
-    async def close(self) -> None:
-        if not self.nc.is_closed:
+    async def close(self, drain: bool = True) -> None:
+        """Close the connection; ``drain`` first lets in-flight messages finish (skip it when
+        the server is already gone)."""
+        if self.nc.is_closed:
+            return
+        if drain and self.nc.is_connected:
             await self.nc.drain()
+        else:
+            await self.nc.close()
 
 
 async def connect(options: ConnectOptions | str | None = None) -> Bus:

@@ -27,7 +27,14 @@ from bus import Bus, ConnectOptions, EmbeddedNats, EmbeddedNatsConfig, connect, 
 from cli._roles import DEFAULT_UP_ROLES, ROLES
 from cli._target import STATE_FILE, default_data_dir
 from nerve import BusError, ConfigError, NerveError
-from supervisor import ChildSpec, OsProcess, Strategy, Supervisor, SupervisorEvent
+from supervisor import (
+    ChildSpec,
+    OsProcess,
+    Strategy,
+    Supervisor,
+    SupervisorEvent,
+    bus_event_sink,
+)
 
 log = logging.getLogger("nerve.cli.up")
 
@@ -80,6 +87,7 @@ class Cluster:
         self._state_lock = asyncio.Lock()
         self._rewrites: set[asyncio.Task[None]] = set()
         self._tree: asyncio.Task[None] | None = None
+        self._bus: Bus | None = None
 
     def role_id(self, role: str) -> str:
         return f"{role}-1"
@@ -115,6 +123,7 @@ class Cluster:
             children.append(ChildSpec("nats-server", self.server.run, shutdown=15))
         bus = await connect(ConnectOptions(servers=[self.nats_url], prefix=self.args.prefix,
                                            name="nerve-up"))
+        self._bus = bus  # kept for the supervisor's events (nerve.events.supervisor)
         try:
             await provision(bus)
             env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -131,12 +140,14 @@ class Cluster:
                 children.append(ChildSpec(role, proc.run, shutdown=15))
             self.supervisor = Supervisor("nerve-up", children, strategy=Strategy.ONE_FOR_ONE,
                                          intensity=10, period=30,
-                                         on_event=[self._on_supervisor_event])
+                                         on_event=[self._on_supervisor_event,
+                                                   bus_event_sink(bus)])
             self._tree = asyncio.create_task(self.supervisor.run(), name="nerve-up-tree")
             await self._wait_roles_ready(bus)
             await self.write_state()
-        finally:
-            await bus.close()
+        except BaseException:
+            await bus.close(drain=False)
+            raise
 
     async def _wait_roles_ready(self, bus: Bus, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -203,6 +214,8 @@ class Cluster:
             self._tree.cancel()
             with contextlib.suppress(asyncio.CancelledError, NerveError):
                 await self._tree
+        if self._bus is not None:
+            await self._bus.close(drain=False)
         if self.server is not None:
             await self.server.stop()
         (self.data_dir / STATE_FILE).unlink(missing_ok=True)

@@ -14,7 +14,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import nats
 import pytest
+
+from actors import unpack
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -115,12 +118,22 @@ async def test_a_sigkilled_role_comes_back_and_ctrl_c_stops_everything(
     data, proc, _ = up
     nats_pid = state(data)["nats_pid"]
     before = state(data)["roles"]
+    events = await nats.connect(state(data)["nats_url"])
+    restarts = await events.jetstream().subscribe("nerve.events.supervisor")
     os.kill(before["gateway"]["pid"], signal.SIGKILL)
     async with asyncio.timeout(30):
         while state(data)["roles"]["gateway"]["pid"] in (before["gateway"]["pid"], None):
             await asyncio.sleep(0.1)
     after = state(data)["roles"]
     assert alive(after["gateway"]["pid"])
+    seen = []
+    async with asyncio.timeout(10):  # the restart is an event anyone can subscribe to
+        while ("gateway", "restarting") not in seen:
+            msg = await restarts.next_msg(timeout=10)
+            event = unpack(msg.data)
+            seen.append((event["child"], event["kind"]))
+    assert ("gateway", "crashed") in seen
+    await events.close()
     assert after["orchestrator"]["pid"] == before["orchestrator"]["pid"]  # one for one
     _, out, _ = await nerve("run", "still here [scripted:echo]", "--wait", "--json",
                             "--input", '{"tools": []}', "--data-dir", str(data))
