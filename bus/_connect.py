@@ -17,6 +17,7 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
+from bus._parser import RawSink, WireParser
 from bus._subjects import Names
 from nerve import BusError, ConfigError
 
@@ -79,11 +80,8 @@ class ConnectOptions:
         return ctx
 
 
-RawSink = Callable[[bytes | None, bytes], None]
-
-
 class _Client(NatsClient):
-    """nats-py's client, plus raw subscriptions for bulk reads.
+    """nats-py's client, with nerve's wire parser and raw subscriptions for bulk reads.
 
     A raw subscription hands each message's header block and payload straight to a plain
     callback, skipping header parsing, message objects and the per-subscription task.
@@ -93,14 +91,7 @@ class _Client(NatsClient):
     def __init__(self) -> None:
         super().__init__()
         self.raw_sinks: dict[int, RawSink] = {}
-
-    async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes,
-                           headers: bytes | None) -> None:
-        sink = self.raw_sinks.get(sid)
-        if sink is not None:
-            sink(headers, data)
-            return
-        await super()._process_msg(sid, subject, reply, data, headers)
+        self._ps = WireParser(self)
 
 
 class Bus:
