@@ -13,6 +13,7 @@ kill-switch, rebuild the read model).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import hmac
@@ -21,6 +22,7 @@ import os
 import re
 import secrets
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -83,6 +85,7 @@ class ApiKeys:
     bucket. With :meth:`watch` running (the server runs it), every change to a key record
     (a revocation in another process) drops that key from the cache as it happens; the TTL
     only bounds staleness when such a notice is lost (a reconnect also clears the cache).
+    A revocation also ends what the key holds open: see :meth:`revocation`.
     """
 
     def __init__(self, bus: Bus, admin_keys: list[str] | tuple[str, ...] = (), *,
@@ -96,6 +99,7 @@ class ApiKeys:
         self.cache_ttl = cache_ttl
         self._cache: dict[str, tuple[float, Principal]] = {}
         self._watch: Any = None
+        self._holders: dict[str, set[asyncio.Event]] = {}  # key id -> what it holds open
 
     async def watch(self) -> None:
         """Follow changes to key records (core NATS, on the bucket's subjects)."""
@@ -105,13 +109,63 @@ class ApiKeys:
 
         async def changed(msg: Any) -> None:
             key_id = msg.subject.rsplit(".", 1)[-1]
-            self._cache = {d: p for d, p in self._cache.items() if p[1].key_id != key_id}
+            if (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE") or not msg.data:
+                self._revoked(key_id)
+                return
+            try:
+                revoked = json.loads(msg.data).get("revoked_at") is not None
+            except (ValueError, AttributeError):
+                revoked = True  # a record nobody can read vouches for no one
+            if revoked:
+                self._revoked(key_id)
+            else:
+                self._forget(key_id)
 
         async def reconnected() -> None:
             self._cache.clear()
+            # Notices sent while we were away are lost: look at every key holding a stream.
+            # One that cannot be checked ends its streams too (fail closed): clients resume
+            # with their last event id and authenticate again.
+            for key_id in list(self._holders):
+                try:
+                    record = await self.get(key_id)
+                except (NatsClientError, TimeoutError):
+                    record = None
+                if record is None or record.revoked_at is not None:
+                    self._revoked(key_id)
 
         self._watch = await self.bus.nc.subscribe(subject, cb=changed)
         self.bus.on_reconnect(reconnected)
+
+    def _forget(self, key_id: str) -> None:
+        self._cache = {d: p for d, p in self._cache.items() if p[1].key_id != key_id}
+
+    def _revoked(self, key_id: str) -> None:
+        self._forget(key_id)
+        for event in self._holders.get(key_id, ()):
+            event.set()
+
+    @contextlib.contextmanager
+    def revocation(self, principal: Principal) -> Iterator[asyncio.Event]:
+        """An event set when ``principal``'s key is revoked while the block runs.
+
+        Long-lived work done for a key (an SSE stream) waits on it and ends at once, in
+        this process or any other that revokes the key (with :meth:`watch` running). Admin
+        keys come from the configuration and are never revoked: their event never fires.
+        """
+        event = asyncio.Event()
+        key_id = principal.key_id
+        if key_id is None:
+            yield event
+            return
+        holders = self._holders.setdefault(key_id, set())
+        holders.add(event)
+        try:
+            yield event
+        finally:
+            holders.discard(event)
+            if not holders:
+                self._holders.pop(key_id, None)
 
     async def close(self) -> None:
         sub, self._watch = self._watch, None
@@ -154,7 +208,7 @@ class ApiKeys:
                                       "revoked_by": by[:200]})
             kv = await self._kv()
             await kv.put(self.bus.names.apikey_key(key_id), json.dumps(asdict(revoked)).encode())
-        self._cache = {d: p for d, p in self._cache.items() if p[1].key_id != key_id}
+        self._revoked(key_id)
         return True
 
     async def list(self, tenant: str | None = None) -> list[ApiKeyRecord]:

@@ -101,7 +101,7 @@ ROUTES: tuple[Route, ...] = (
           responses={200: ("text/event-stream", "typed events: token, tool_call_started, "
                                                 "tool_call_finished, status, "
                                                 "approval_requested, final, error, progress; "
-                                                "then `end`"),
+                                                "then `end` (or `revoked` if the key is)"),
                      404: (None, "no such run"), 503: (None, "too many streams")},
           description="Each event's `id` is its NERVE_STREAM sequence; reconnect with "
                       "`Last-Event-ID` for exactly the events missed. `retry:` hint, a "

@@ -12,21 +12,28 @@
   ``status`` event the server sends ``event: end`` (no id, so it never moves a client's
   position) with ``{"status", "last_id"}`` and closes. ``?follow=0`` sends what is stored
   now and ends the same way.
+* Revoking the key a stream was opened with ends it at once, in any API process: the
+  server sends ``event: revoked`` (no id) with ``{"code", "message"}`` and closes; coming
+  back with that key gets 401.
 * Writes wait for the socket to drain, and what a client has not read stays in the stream,
   so a slow client holds back only itself (see :mod:`api._tail`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 from aiohttp import web
 from nats.errors import Error as NatsClientError
 from nats.js.errors import NotFoundError
 
+from actors import cancel_and_wait
 from api._appkeys import SERVICES
 from api._http import principal, query_bool
 from api._services import Services
@@ -173,6 +180,25 @@ class _Stream:
                     await self.tail.restart(generation)
 
 
+async def _until_revoked(work: Coroutine[Any, Any, None], revoked: asyncio.Event) -> bool:
+    """Run ``work`` unless ``revoked`` fires first (then cancel it); False if it did.
+
+    Cancelling a stream mid-write cuts no frame short: aiohttp hands a whole frame to the
+    transport before it waits for the socket to drain.
+    """
+    task = asyncio.create_task(work)
+    gate = asyncio.create_task(revoked.wait())
+    try:
+        await asyncio.wait((task, gate), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        revoked_first = not task.done()
+        await cancel_and_wait([gate, task])
+    if revoked_first:
+        return False
+    task.result()  # its error, if it failed
+    return True
+
+
 async def stream_events(request: web.Request) -> web.StreamResponse:
     svc: Services = request.app[SERVICES]
     p = principal(request)
@@ -205,9 +231,15 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
         stream = _Stream(svc, request, resp, tail, run_id, position)
         await stream.write(f"retry: {svc.config.retry_ms}\n: run {run_id} after {position}\n\n"
                            .encode())
-        with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+        with contextlib.suppress(ConnectionResetError, BrokenPipeError), \
+                svc.keys.revocation(p) as revoked:
             try:
-                await stream.run(follow)
+                if not await _until_revoked(stream.run(follow), revoked):
+                    # No id: a client that resumes starts after its last event, and is
+                    # refused (401) unless it comes back with a valid key.
+                    body = json.dumps({"code": "unauthenticated", "message":
+                                       f"API key {p.key_id} was revoked; this stream ends"})
+                    await stream.write(f"event: revoked\ndata: {body}\n\n".encode())
             except (HistoryError, NatsClientError, TimeoutError) as exc:
                 # The bus is away: the client reconnects with its last id and loses nothing.
                 log.warning("stream of run %s cut: %r", run_id, exc)

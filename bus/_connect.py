@@ -93,6 +93,13 @@ class _Client(NatsClient):
         self.raw_sinks: dict[int, RawSink] = {}
         self._ps = WireParser(self)
 
+    def drop_pending(self) -> None:
+        """Forget what is buffered for a server that is gone. nats-py's ``close`` writes it
+        to the dead transport and fails (``ConnectionResetError``, or ``RuntimeError``
+        under uvloop) before it has closed anything else."""
+        self._pending = []
+        self._pending_data_size = 0
+
 
 class Bus:
     """A live NATS connection with its JetStream context and the deployment's :class:`Names`.
@@ -159,8 +166,10 @@ class Bus:
             return
         if drain and self.nc.is_connected:
             await self.nc.drain()
-        else:
-            await self.nc.close()
+            return
+        if not self.nc.is_connected and isinstance(self.nc, _Client):
+            self.nc.drop_pending()
+        await self.nc.close()
 
 
 async def connect(options: ConnectOptions | str | None = None) -> Bus:

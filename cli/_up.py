@@ -126,6 +126,9 @@ class Cluster:
         self._bus = bus  # kept for the supervisor's events (nerve.events.supervisor)
         try:
             await provision(bus)
+            # Stopped after every role and before the server (reverse start order): the
+            # last events are flushed while there is still a server to take them.
+            children.append(ChildSpec("events-connection", self._hold_bus, shutdown=5))
             env = dict(os.environ, PYTHONUNBUFFERED="1")
             for role in self.roles:
                 ident = self.role_id(role)
@@ -148,6 +151,14 @@ class Cluster:
         except BaseException:
             await bus.close(drain=False)
             raise
+
+    async def _hold_bus(self) -> None:
+        """The supervisor's own connection, as a child of the tree: open until stopped."""
+        assert self._bus is not None
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await self._bus.close()
 
     async def _wait_roles_ready(self, bus: Bus, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout

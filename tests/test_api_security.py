@@ -6,6 +6,7 @@ live events) are compared before and after.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import pytest
 
 from api import ApiClient
 from bus import Bus
+from nerve import Unauthenticated
 from tests.api_helpers import ADMIN, Api, api_stack, eventually
 
 pytestmark = pytest.mark.timeout(120)
@@ -160,6 +162,45 @@ async def test_keys_that_are_missing_wrong_forged_or_revoked_get_401(api: Api) -
     kv = await api.server.bus.kv(api.server.bus.names.apikeys_bucket)
     entry = await kv.get(f"key.{record.id}")
     assert key.encode() not in entry.value and key.split("_")[-1].encode() not in entry.value
+
+
+async def test_revoking_a_key_ends_the_streams_it_holds_open(api: Api) -> None:
+    """A key revoked elsewhere (this test's ApiKeys, not the server's) stops streaming at
+    once, not when the run ends; another key of the same tenant streams on."""
+    key, record = await api.keys.create("acme", name="leaked")
+    leaked = ApiClient(api.server.url, key)
+    try:
+        run_id, digest = await waiting_run(api, leaked)  # waits for a human: no end in sight
+
+        async def watch(client: ApiClient, until: str | None) -> list[str]:
+            got: list[str] = []
+            async for item in client.events(run_id):
+                if isinstance(item, int):  # the retry hint
+                    continue
+                got.append(item.event)
+                if item.event == until:
+                    break
+            return got
+
+        theirs = asyncio.create_task(watch(leaked, None))
+        ours = asyncio.create_task(watch(api.acme, "end"))
+        await eventually(lambda: api.server.services is not None
+                         and api.server.services.streams >= 2)
+        assert await api.keys.revoke(record.id, by="test")
+        seen = await asyncio.wait_for(theirs, 20)  # it ends: before the fix it never did
+        assert seen[-1] == "revoked", seen
+        assert not ours.done()
+        with pytest.raises(Unauthenticated):  # and it cannot come back
+            async for _ in leaked.events(run_id):
+                pass
+        # The other key of the same tenant still streams, to the end of the run (a refusal
+        # ends it: this stack runs no tool worker).
+        await api.acme.request("POST", f"/v1/runs/{run_id}/signals/approval",
+                               {"payload": {"approved": False}, "approves": digest})
+        rest = await asyncio.wait_for(ours, 60)
+        assert "revoked" not in rest and rest[-1] == "end"
+    finally:
+        await leaked.close()
 
 
 async def _refused(client: ApiClient) -> bool:

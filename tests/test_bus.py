@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
 from pathlib import Path
@@ -123,3 +124,19 @@ def test_names_carry_the_prefix_and_refuse_unsafe_tokens() -> None:
             n.history(bad) if bad not in ("*", ">") else n.run_lease(bad)
     with pytest.raises(ConfigError):
         Names("Bad-Prefix")
+
+
+async def test_closing_after_the_server_is_gone_drops_what_it_could_not_send(tmp_path: Path,
+                                                                             ) -> None:
+    """``nerve up`` stops its server before its own connection: messages published in
+    between wait for a server that is not coming back, and closing must not trip on them."""
+    server = EmbeddedNats(EmbeddedNatsConfig(store_dir=tmp_path / "d"))
+    await server.start()
+    b = await connect(server.url)
+    await server.stop()
+    async with asyncio.timeout(10):
+        while b.nc.is_connected:
+            await asyncio.sleep(0.02)
+    await b.nc.publish("nerve.events.supervisor", b"stopping")  # buffered: nowhere to go
+    await b.close(drain=False)
+    assert b.nc.is_closed

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from actors import unpack
 from bus import ConnectOptions, EmbeddedNats, EmbeddedNatsConfig, connect, provision
 from nerve import EscalationError
 from persistence import RunHistory, RunStarted, StepScheduled
@@ -170,11 +171,13 @@ async def test_os_process_killed_with_sigkill_is_restarted(tmp_path: Path) -> No
 async def test_killed_nats_server_is_restarted_with_every_acked_event(tmp_path: Path) -> None:
     server = EmbeddedNats(EmbeddedNatsConfig(store_dir=tmp_path / "nats"))
     await server.start()
-    sup = Supervisor("bus", [ChildSpec("nats-server", server.run, shutdown=10)],
-                     intensity=3, period=30)
-    task = await supervise(sup)
     b = await connect(ConnectOptions(servers=[server.url], prefix="sk"))
     await provision(b)
+    # The tree reports on the very bus whose server it restarts: the report of the crash
+    # must neither hold the restart up nor be lost.
+    sup = Supervisor("bus", [ChildSpec("nats-server", server.run, shutdown=10)],
+                     intensity=3, period=30, on_event=[bus_event_sink(b, timeout=30)])
+    task = await supervise(sup)
     history = RunHistory(b, "run1")
     await history.create(RunStarted(run_id="run1", tenant="t", workflow="w", version="1"))
     for i in range(200):
@@ -189,8 +192,18 @@ async def test_killed_nats_server_is_restarted_with_every_acked_event(tmp_path: 
     events = await RunHistory(b, "run1").read()
     assert len(events) == 201
     assert [e.index for e in events[1:]] == list(range(200))
-    await b.close()
+    reports = await b.js.subscribe(b.names.event("supervisor"), ordered_consumer=True)
+    seen: list[str] = []
+
+    def restarted() -> bool:
+        return "crashed" in seen and "started" in seen[seen.index("crashed"):]
+
+    async with asyncio.timeout(20):
+        while not restarted():
+            seen.append(unpack((await reports.next_msg(timeout=20)).data)["kind"])
+    assert seen[0] == "started" and seen.index("crashed") < seen.index("restarting")
     await stop(task)
+    await b.close()
 
 
 async def test_events_are_published_on_the_bus(bus) -> None:
@@ -201,8 +214,6 @@ async def test_events_are_published_on_the_bus(bus) -> None:
     await crew.until_started("x", 1)
     crew.crash("x")
     await crew.until_started("x", 2)
-    from actors import unpack
-
     seen = []
     async with asyncio.timeout(5):
         while ("x", "restarting") not in seen:

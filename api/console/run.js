@@ -135,6 +135,8 @@
       liveLine("final", "the run finished");
     } else if (type === "error") {
       liveLine("error", JSON.stringify(d.error || d).slice(0, 300));
+    } else if (type === "revoked") {
+      liveLine("error", (ev && ev.message) || "this key was revoked");
     }
   }
 
