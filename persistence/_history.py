@@ -69,14 +69,17 @@ class RunHistory:
         """
         events: list[Event] = []
         first_index: int | None = None
-        async for seq, headers, record in self.records(after_seq):
+        # Batch by batch, not record by record: a long replay is mostly per-record overhead.
+        async for got in _direct_batches(self.bus, self.bus.names.runs_stream, self.subject,
+                                         after_seq, _DIRECT_BATCH):
             if first_index is None:
                 # A record's msg id names the index of its first event: a partial read
                 # still knows where in the whole history it starts.
-                first_index = (int(headers.get(H_MSG_ID, ":0").rsplit(":", 1)[1])
+                first_index = (int(got[0][2].get(H_MSG_ID, ":0").rsplit(":", 1)[1])
                                if after_seq else 0)
-            events.extend(record)
-            self.last_seq = seq
+            for _seq, data, _headers in got:
+                events.extend(decode_record(data))
+            self.last_seq = got[-1][0]
         if first_index is not None:
             self.length = first_index + len(events)
         return events
@@ -234,14 +237,9 @@ async def _direct_batch(bus: Bus, stream: str, subject: str, start: int, batch: 
     return got, end
 
 
-async def direct_get_subject(bus: Bus, stream: str, subject: str, after_seq: int = 0,
-                             batch: int = _DIRECT_BATCH):
-    """Yield ``(seq, data, headers)`` of every message on ``subject`` after ``after_seq``.
-
-    Uses JetStream's batched direct get (no consumer to create or delete), up to ``batch``
-    messages a round trip, read through a raw subscription, with the next batch requested
-    while the caller works through the current one.
-    """
+async def _direct_batches(bus: Bus, stream: str, subject: str, after_seq: int, batch: int):
+    """Yield each batch of ``(seq, data, headers)`` on ``subject`` after ``after_seq``, with
+    the next batch requested while the caller works through the current one."""
     ahead: asyncio.Task[Any] | None = asyncio.create_task(
         _direct_batch(bus, stream, subject, after_seq + 1, batch))
     try:
@@ -253,11 +251,24 @@ async def direct_get_subject(bus: Bus, stream: str, subject: str, after_seq: int
             if more and got:
                 ahead = asyncio.create_task(
                     _direct_batch(bus, stream, subject, got[-1][0] + 1, batch))
-            for item in got:
-                yield item
+            if got:
+                yield got
     finally:
         if ahead is not None:
             await stop_task(ahead)
+
+
+async def direct_get_subject(bus: Bus, stream: str, subject: str, after_seq: int = 0,
+                             batch: int = _DIRECT_BATCH):
+    """Yield ``(seq, data, headers)`` of every message on ``subject`` after ``after_seq``.
+
+    Uses JetStream's batched direct get (no consumer to create or delete), up to ``batch``
+    messages a round trip, read through a raw subscription, with the next batch requested
+    while the caller works through the current one.
+    """
+    async for got in _direct_batches(bus, stream, subject, after_seq, batch):
+        for item in got:
+            yield item
 
 
 async def direct_first(history: RunHistory):
