@@ -39,7 +39,7 @@ from api._projections import (
 )
 from nerve._errors import InvalidRequest, ReadModelError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: run_text and its trigram index (migrated from 1 in place)
 _CHUNK = 400  # keys per IN (...) query; well under SQLite's variable limit
 
 _SCHEMA = """
@@ -79,6 +79,20 @@ CREATE TABLE IF NOT EXISTS tool_uses (
     llm_index INTEGER NOT NULL,
     PRIMARY KEY (run_id, digest)
 ) WITHOUT ROWID;
+-- Search: what a run is found by (its id and task) is kept apart from the run's row, which
+-- is rewritten on every change, and indexed by trigrams: a substring search is an index
+-- lookup instead of a scan of every run. Written once per run; changed only if the task is.
+CREATE TABLE IF NOT EXISTS run_text (run_id TEXT PRIMARY KEY, task TEXT);
+CREATE VIRTUAL TABLE IF NOT EXISTS run_text_index
+    USING fts5(run_id, task, content='run_text', tokenize='trigram');
+CREATE TRIGGER IF NOT EXISTS run_text_added AFTER INSERT ON run_text BEGIN
+    INSERT INTO run_text_index (rowid, run_id, task) VALUES (new.rowid, new.run_id, new.task);
+END;
+CREATE TRIGGER IF NOT EXISTS run_text_changed AFTER UPDATE ON run_text BEGIN
+    INSERT INTO run_text_index (run_text_index, rowid, run_id, task)
+        VALUES ('delete', old.rowid, old.run_id, old.task);
+    INSERT INTO run_text_index (rowid, run_id, task) VALUES (new.rowid, new.run_id, new.task);
+END;
 CREATE TABLE IF NOT EXISTS spend (
     tenant TEXT PRIMARY KEY, cost_usd REAL NOT NULL, input_tokens INTEGER NOT NULL,
     output_tokens INTEGER NOT NULL, cache_read_tokens INTEGER NOT NULL,
@@ -100,7 +114,9 @@ _TOOL_USE_COLUMNS = ("run_id", "digest", "tool", "args", "llm_index")
 _SPEND_COLUMNS = ("tenant", "cost_usd", "input_tokens", "output_tokens", "cache_read_tokens",
                   "cache_write_tokens", "llm_calls", "runs")
 _TABLES = {"runs": "run_id", "steps": "run_id, idx", "approvals": "run_id, idx",
-           "tool_uses": "run_id, digest", "spend": "tenant", "positions": "projection"}
+           "tool_uses": "run_id, digest", "spend": "tenant", "positions": "projection",
+           "run_text": "run_id"}
+_TRIGRAM = 3  # the shortest search the trigram index can answer; shorter ones scan
 
 
 def _dumps(value: Any) -> str | None:
@@ -212,6 +228,11 @@ class ReadModel:
                 self._positions.update({r[0]: int(r[1]) for r in await cur.fetchall()})
         except sqlite3.Error as exc:
             await self.close()
+            if "trigram" in str(exc) or "fts5" in str(exc):
+                raise ReadModelError(
+                    f"this Python's SQLite ({sqlite3.sqlite_version}) has no FTS5 trigram "
+                    "tokenizer, which run search needs: use a Python built with SQLite 3.34 "
+                    "or newer", path=str(self.path)) from None
             raise ReadModelError(f"cannot open the read model at {self.path}: {exc}; delete "
                                  "the file and run `nerve reindex` to rebuild it",
                                  path=str(self.path)) from None
@@ -223,6 +244,11 @@ class ReadModel:
             row = await cur.fetchone()
         if row is None:
             await self._writer.execute("INSERT INTO meta VALUES ('schema', ?)",
+                                       (str(SCHEMA_VERSION),))
+        elif row[0] == "1":  # the schema has just created run_text: fill it from the runs
+            await self._writer.execute(
+                "INSERT OR IGNORE INTO run_text (run_id, task) SELECT run_id, task FROM runs")
+            await self._writer.execute("UPDATE meta SET value = ? WHERE key = 'schema'",
                                        (str(SCHEMA_VERSION),))
         elif int(row[0]) != SCHEMA_VERSION:
             raise ReadModelError(
@@ -329,6 +355,11 @@ class ReadModel:
 
         await upsert("runs", _RUN_COLUMNS,
                      (_run_values(batch.runs[k]) for k in sorted(batch.changed_runs)))
+        texts = [(k, batch.runs[k].task) for k in sorted(batch.changed_runs)]
+        if texts:
+            await conn.executemany(
+                "INSERT INTO run_text (run_id, task) VALUES (?, ?) ON CONFLICT (run_id) "
+                "DO UPDATE SET task = excluded.task WHERE task IS NOT excluded.task", texts)
         await upsert("steps", _STEP_COLUMNS,
                      (_values(batch.steps[k], _STEP_COLUMNS) for k in sorted(batch.changed_steps)))
         await upsert("approvals", _APPROVAL_COLUMNS, (
@@ -364,7 +395,12 @@ class ReadModel:
         if workflow is not None:
             where.append("workflow = ?")
             params.append(workflow)
-        if q:
+        if q and len(q) >= _TRIGRAM:
+            # The same substring match as the LIKE below, answered by the trigram index.
+            where.append("run_id IN (SELECT run_id FROM run_text WHERE rowid IN "
+                         "(SELECT rowid FROM run_text_index WHERE run_text_index MATCH ?))")
+            params.append('"' + q.replace('"', '""') + '"')
+        elif q:
             where.append("(run_id LIKE ? ESCAPE '\\' OR task LIKE ? ESCAPE '\\')")
             like = "%" + q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
             params += [like, like]

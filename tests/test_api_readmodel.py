@@ -3,13 +3,14 @@ streams equals the incremental model; re-applying changes nothing."""
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
 
 from api import Projector, ReadModel, Record, rebuild
 from bus import Bus
-from persistence import decode_record, direct_get_subject
+from persistence import RunStarted, decode_record, direct_get_subject
 from tests.api_helpers import (
     PRICED_MODEL,
     engine,
@@ -120,3 +121,59 @@ async def _workload(client: NerveClient, model: ReadModel) -> list[str]:
     fork = await client.fork(done, at=2, tenant="acme", new_run_id="acme-fork")
     await wait_status(client, fork)
     return [done, rejected, timed_out, cancelled, other, fork]
+
+
+TASKS = ["compute 3 * 3", "Write a README for the Parser", "résumé of 50% of the rows",
+         'say "hello" to o_o', "naïve ÉCOLE test", "short", "x", "", None,
+         "the parser's parser parses", "a\\b\\c and %_% literal"]
+QUERIES = ["parser", "PARSER", "3 *", "50%", "o_o", '"hello"', "ÉCO", "école", "rés",
+           "\\b\\", "%_%", "r-00", "r-01", "nothing like it", "se", "x", "%", "_"]
+
+
+def found_by_scan(runs: dict[str, str | None], q: str) -> set[str]:
+    """What `LIKE '%q%'` finds (ASCII case folded, as SQLite's LIKE does)."""
+    def fold(text: str) -> str:
+        return "".join(c.lower() if c.isascii() else c for c in text)
+    return {r for r, task in runs.items() if fold(q) in fold(r) or fold(q) in fold(task or "")}
+
+
+async def search(model: ReadModel, q: str) -> set[str]:
+    found, cursor = set(), None
+    while True:
+        page, cursor = await model.list_runs(q=q, limit=7, cursor=cursor)
+        found |= {r["run_id"] for r in page}
+        if cursor is None:
+            return found
+
+
+async def test_search_by_trigram_index_finds_what_a_scan_finds(tmp_path: Path) -> None:
+    runs = {f"r-{i:02d}": TASKS[i % len(TASKS)] for i in range(30)}
+    records = [Record(i + 1, run_id, [RunStarted(
+        run_id=run_id, tenant="acme", workflow="agent", version="1",
+        input=None if task is None else {"task": task})]) for i, (run_id, task) in
+        enumerate(runs.items())]
+    model = await ReadModel(tmp_path / "m.db").open()
+    try:
+        await model.apply(records)
+        await model.apply(records)  # again: changes nothing, indexes nothing twice
+        for q in QUERIES:
+            expected = found_by_scan(runs, q)
+            if any(not c.isascii() for c in q):  # the index also folds non-ASCII case
+                expected |= found_by_scan(runs, q.lower()) | found_by_scan(runs, q.upper())
+            assert await search(model, q) == expected, q
+        assert await search(model, "parser") == {r for r, t in runs.items()
+                                                 if t and "parser" in t.lower()} != set()
+    finally:
+        await model.close()
+
+    # A model written by schema 1 (no search index) is brought up to date when opened.
+    with sqlite3.connect(tmp_path / "m.db") as db:
+        db.executescript("DROP TRIGGER run_text_added; DROP TRIGGER run_text_changed; "
+                         "DROP TABLE run_text_index; DROP TABLE run_text; "
+                         "UPDATE meta SET value = '1' WHERE key = 'schema';")
+    model = await ReadModel(tmp_path / "m.db").open()
+    try:
+        assert await search(model, "parser") == found_by_scan(runs, "parser")
+        assert await search(model, "r-2") == found_by_scan(runs, "r-2")  # short: a scan
+    finally:
+        await model.close()
