@@ -353,10 +353,10 @@ class ReadModel:
                     f"INSERT OR REPLACE INTO {table} ({', '.join(columns)}) VALUES ({marks})",
                     rows)
 
-        await upsert("runs", _RUN_COLUMNS,
-                     (_run_values(batch.runs[k]) for k in sorted(batch.changed_runs)))
-        texts = [(k, batch.runs[k].task) for k in sorted(batch.changed_runs)]
-        if texts:
+        changed_runs = sorted(batch.changed_runs)
+        await upsert("runs", _RUN_COLUMNS, (_run_values(batch.runs[k]) for k in changed_runs))
+        if changed_runs:
+            texts = [(k, batch.runs[k].task) for k in changed_runs]
             await conn.executemany(
                 "INSERT INTO run_text (run_id, task) VALUES (?, ?) ON CONFLICT (run_id) "
                 "DO UPDATE SET task = excluded.task WHERE task IS NOT excluded.task", texts)

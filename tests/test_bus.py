@@ -128,8 +128,8 @@ def test_names_carry_the_prefix_and_refuse_unsafe_tokens() -> None:
 
 async def test_closing_after_the_server_is_gone_drops_what_it_could_not_send(tmp_path: Path,
                                                                              ) -> None:
-    """``nerve up`` stops its server before its own connection: messages published in
-    between wait for a server that is not coming back, and closing must not trip on them."""
+    """A connection whose server is gone (crashed, or stopped first) holds what was published
+    since, for a server that is not coming back: closing must not trip on it."""
     server = EmbeddedNats(EmbeddedNatsConfig(store_dir=tmp_path / "d"))
     await server.start()
     b = await connect(server.url)
