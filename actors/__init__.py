@@ -6,11 +6,12 @@ from actors._envelope import Envelope, new_id
 from actors._mailbox import DeadLetter, Requests, WorkQueue, publish_dead_letter
 from actors._poison import PoisonKeeper
 from actors._tasks import cancel_and_wait, stop_task
-from actors._telemetry import configure_tracing
-from actors._work import H_HEARTBEAT, StepResult, StepWorker, WorkItem
+from actors._telemetry import configure_tracing, tracing_enabled
+from actors._work import H_HEARTBEAT, H_NOT_OWNER, StepResult, StepWorker, WorkItem
 
 __all__ = [
     "H_HEARTBEAT",
+    "H_NOT_OWNER",
     "JSON",
     "MSGPACK",
     "Actor",
@@ -35,5 +36,6 @@ __all__ = [
     "publish_dead_letter",
     "run",
     "stop_task",
+    "tracing_enabled",
     "unpack",
 ]

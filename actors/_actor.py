@@ -28,6 +28,7 @@ from actors._mailbox import (
     dead_letter_for,
     publish_dead_letter,
 )
+from actors._telemetry import tracing_enabled
 from bus import Bus
 from nerve import BusError, CodecError, NerveError, error_from_wire
 
@@ -205,12 +206,13 @@ class Actor(Generic[M]):
             return
         delivery = Delivery(msg, envelope, work)
         heartbeat = asyncio.create_task(self._heartbeat(delivery)) if work else None
+        span = tracer.start_as_current_span(
+            f"{self.name} process", context=envelope.trace_context(),
+            kind=trace.SpanKind.CONSUMER,
+            attributes={"messaging.system": "nats", "messaging.destination.name": msg.subject},
+        ) if tracing_enabled() else contextlib.nullcontext()
         try:
-            with tracer.start_as_current_span(
-                f"{self.name} process", context=envelope.trace_context(),
-                kind=trace.SpanKind.CONSUMER,
-                attributes={"messaging.system": "nats", "messaging.destination.name": msg.subject},
-            ):
+            with span:
                 result = await self.handle(message, delivery)
         except asyncio.CancelledError:
             raise  # not acked: JetStream redelivers it

@@ -6,7 +6,7 @@
   deliveries) ends as a visible dead letter on ``nerve.deadletter.<consumer>``.
 * :class:`Requests`: a core NATS subscription for request/reply queries (at most once).
 
-Concurrency is bounded per mailbox: a pull mailbox only fetches as many messages as it has
+Concurrency is bounded per mailbox: a pull mailbox only asks for as many messages as it has
 free handler slots, and the consumer's ``max_ack_pending`` bounds what all instances hold.
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -21,9 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nats.aio.msg import Msg
-from nats.errors import ConnectionClosedError, NoServersError
 from nats.errors import Error as NatsClientError
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
 from nats.js.errors import NotFoundError
 from pydantic import BaseModel, Field
@@ -53,7 +52,6 @@ class WorkQueue:
     max_deliver: int = 5
     backoff: tuple[float, ...] = (0.2, 1.0, 5.0, 30.0)
     max_ack_pending: int = 1000
-    poll: float = 5.0
     # Re-created if the stream vanishes (a memory stream after a server restart).
     stream_config: StreamConfig | None = None
 
@@ -120,16 +118,15 @@ Processor = Callable[[Msg], Awaitable[None]]
 
 
 class _Handlers:
-    """Bounded handler slots and the tasks in them (shared by both mailboxes)."""
+    """Handler tasks, one per message; ``on_done`` frees the slot each one held."""
 
-    def __init__(self, process: Processor, concurrency: int) -> None:
+    def __init__(self, process: Processor, on_done: Callable[[], Any]) -> None:
         self.process = process
-        self.concurrency = concurrency
-        self.slots = asyncio.Semaphore(concurrency)
+        self.on_done = on_done
         self.tasks: set[asyncio.Task[None]] = set()
 
     def start(self, msg: Msg) -> None:
-        """Run ``process(msg)`` in a slot the caller has already acquired."""
+        """Run ``process(msg)`` in a slot the caller has already taken."""
         task = asyncio.create_task(self._run_one(msg))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
@@ -138,7 +135,9 @@ class _Handlers:
         try:
             await self.process(msg)
         finally:
-            self.slots.release()
+            result = self.on_done()
+            if asyncio.iscoroutine(result):
+                await result
 
     async def drain(self, timeout: float) -> None:
         """Let handlers finish what they hold; unfinished ones are redelivered elsewhere."""
@@ -148,16 +147,36 @@ class _Handlers:
         await cancel_and_wait(pending, timeout=5.0)
 
 
+# How long a pull request waits on the server, and how often an idle one says it is alive.
+_PULL_EXPIRES = 30.0
+_PULL_HEARTBEAT = 5.0
+
+
 class PullMailbox:
-    """Runs a :class:`WorkQueue`: fetches only into free slots, hands each message over."""
+    """Runs a :class:`WorkQueue` with standing pull requests (JetStream's "consume" pattern).
+
+    The mailbox keeps pull requests open on the server for exactly as many messages as it
+    has free handler slots, topping them up when half the slots have come free. Under load,
+    a message costs no pull request of its own and waits for no round trip: it is on its way
+    before the previous one is finished. The server's idle heartbeats show the requests are
+    alive; after a silence, a reconnect or a lost consumer, the mailbox re-creates what is
+    missing and asks again.
+    """
 
     def __init__(self, spec: WorkQueue, bus: Bus, process: Processor, concurrency: int,
                  ) -> None:
         self.spec = spec
         self.bus = bus
-        self._handlers = _Handlers(process, concurrency)
-        self._loop_task: asyncio.Task[None] | None = None
+        self.concurrency = concurrency
+        self._handlers = _Handlers(process, self._slot_freed)
+        self._running = 0  # handlers in progress
+        self._asked = 0  # messages the open pull requests may still deliver
+        self._heard = 0.0  # when the server last sent us anything
+        self._reconnects = 0
+        self._inbox = ""
+        self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{spec.stream}.{spec.durable}"
         self._sub: Any = None
+        self._watch_task: asyncio.Task[None] | None = None
         self._closing = False
 
     def consumer_config(self) -> ConsumerConfig:
@@ -173,7 +192,7 @@ class PullMailbox:
             cfg.filter_subjects = list(s.subjects)
         return cfg
 
-    async def _subscribe(self) -> None:
+    async def _ensure_consumer(self) -> None:
         s = self.spec
         try:
             await self.bus.js.add_consumer(s.stream, self.consumer_config())
@@ -183,57 +202,100 @@ class PullMailbox:
             log.warning("stream %s is gone; re-creating it", s.stream)
             await self.bus.js.add_stream(s.stream_config)
             await self.bus.js.add_consumer(s.stream, self.consumer_config())
-        self._sub = await self.bus.js.pull_subscribe_bind(s.durable, s.stream)
 
     async def open(self) -> None:
-        await self._subscribe()
-        self._loop_task = asyncio.create_task(self._loop(), name=f"mailbox:{self.spec.durable}")
+        await self._ensure_consumer()
+        self._inbox = self.bus.nc.new_inbox()
+        self._sub = await self.bus.nc.subscribe(self._inbox, cb=self._on_msg)
+        self._reconnects = self.bus.nc.stats["reconnects"]
+        self._heard = time.monotonic()
+        await self._ask()
+        self._watch_task = asyncio.create_task(self._watch(),
+                                               name=f"mailbox:{self.spec.durable}")
 
-    async def _loop(self) -> None:
-        slots, concurrency = self._handlers.slots, self._handlers.concurrency
+    def _free(self) -> int:
+        return self.concurrency - self._running - self._asked
+
+    async def _ask(self, force: bool = False) -> None:
+        """Open a pull request for the free slots (once half are free, or none is asked)."""
+        free = self._free()
+        if self._closing or free <= 0 or not (
+                force or self._asked == 0 or free >= max(1, self.concurrency // 2)):
+            return
+        self._asked += free
+        request = {"batch": free, "expires": int(_PULL_EXPIRES * 1e9),
+                   "idle_heartbeat": int(_PULL_HEARTBEAT * 1e9)}
+        try:
+            await self.bus.nc.publish(self._next_subject, json.dumps(request).encode(),
+                                      reply=self._inbox)
+        except NatsClientError as exc:
+            self._asked -= free  # asked again after the next silence or reconnect
+            log.warning("mailbox %s: pull request failed (%r)", self.spec.durable, exc)
+
+    async def _slot_freed(self) -> None:
+        self._running -= 1
+        await self._ask()
+
+    async def _on_msg(self, msg: Msg) -> None:
+        self._heard = time.monotonic()
+        status = msg.headers.get("Status") if msg.headers else None
+        if status is None:
+            self._asked = max(0, self._asked - 1)
+            if self._running >= self.concurrency:
+                # A request we had given up on delivered after all: keep the bound.
+                with contextlib.suppress(NatsClientError):
+                    await msg.nak(delay=0.1)
+                return
+            self._running += 1
+            self._handlers.start(msg)
+            return
+        if status == "100":
+            return  # idle heartbeat: the request is alive
+        assert msg.headers is not None
+        # 408 (expired), 409 (closed by the server): what it did not deliver is free again.
+        undelivered = msg.headers.get("Nats-Pending-Messages")
+        if undelivered is not None and undelivered.isdigit():
+            self._asked = max(0, self._asked - int(undelivered))
+        else:
+            self._asked = 0
+        if status == "409" and "Deleted" in (msg.headers.get("Description") or ""):
+            await self._recover("consumer deleted")
+        else:
+            await self._ask()
+
+    async def _watch(self) -> None:
+        """Ask again after a reconnect (the server forgot our requests) or a long silence."""
         while not self._closing:
-            await slots.acquire()
-            want = 1
-            while want < concurrency and not slots.locked():
-                await slots.acquire()
-                want += 1
-            try:
-                msgs = await self._sub.fetch(want, timeout=self.spec.poll)
-            except (TimeoutError, NatsTimeoutError):
-                msgs = []
-            except NotFoundError:
-                msgs = []
-                await self._recover("consumer or stream not found")
-            except (ConnectionClosedError, NoServersError, NatsClientError) as exc:
-                msgs = []
-                await self._recover(repr(exc))
-            for _ in range(want - len(msgs)):
-                slots.release()
-            for msg in msgs:
-                self._handlers.start(msg)
+            await asyncio.sleep(1.0)
+            reconnects = self.bus.nc.stats["reconnects"]
+            if reconnects != self._reconnects:
+                self._reconnects = reconnects
+                await self._recover("reconnected")
+            elif time.monotonic() - self._heard > 2 * _PULL_HEARTBEAT + 1:
+                await self._recover("no heartbeat from the server")
 
     async def _recover(self, why: str) -> None:
-        log.warning("mailbox %s lost its consumer (%s); re-subscribing", self.spec.durable, why)
-        await asyncio.sleep(0.2)
-        with contextlib.suppress(NatsClientError, asyncio.TimeoutError, NotFoundError):
-            if self._sub is not None:
-                await self._sub.unsubscribe()
-            await self._subscribe()
+        log.warning("mailbox %s: %s; re-creating its consumer and asking again",
+                    self.spec.durable, why)
+        self._heard = time.monotonic()
+        try:
+            await self._ensure_consumer()
+        except (TimeoutError, NatsClientError, NotFoundError) as exc:
+            log.warning("mailbox %s: consumer not re-created yet (%r)", self.spec.durable, exc)
+            return
+        self._asked = 0
+        await self._ask(force=True)
 
     async def close(self, timeout: float) -> None:
-        if self._loop_task is not None:
-            self._closing = True
-            # nats-py's fetch can swallow a cancellation (asyncio.wait_for on Python 3.11
-            # drops it when the awaited get completes at the same moment): the flag ends
-            # the loop at the latest when the fetch in flight returns; the repeated cancel
-            # usually sooner.
-            if await cancel_and_wait([self._loop_task], timeout=self.spec.poll + 1.0):
-                log.error("mailbox %s: the fetch loop did not stop; abandoning it",
-                          self.spec.durable)
-        await self._handlers.drain(timeout)
+        self._closing = True
+        if self._watch_task is not None:
+            await cancel_and_wait([self._watch_task], timeout=5.0)
         if self._sub is not None:
+            # Messages already delivered to the open requests but not handled are
+            # redelivered elsewhere after ack_wait.
             with contextlib.suppress(NatsClientError, asyncio.TimeoutError):
                 await self._sub.unsubscribe()
+        await self._handlers.drain(timeout)
 
 
 class SubscriptionMailbox:
@@ -243,7 +305,8 @@ class SubscriptionMailbox:
                  ) -> None:
         self.spec = spec
         self.bus = bus
-        self._handlers = _Handlers(process, concurrency)
+        self._slots = asyncio.Semaphore(concurrency)
+        self._handlers = _Handlers(process, self._slots.release)
         self._sub: Any = None
 
     async def open(self) -> None:
@@ -254,7 +317,7 @@ class SubscriptionMailbox:
     async def _on_msg(self, msg: Msg) -> None:
         # Waiting here holds back the subscription's delivery: backpressure, bounded by
         # the client's pending limits.
-        await self._handlers.slots.acquire()
+        await self._slots.acquire()
         self._handlers.start(msg)
 
     async def close(self, timeout: float) -> None:

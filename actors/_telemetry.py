@@ -20,6 +20,23 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExport
 log = logging.getLogger("nerve.telemetry")
 
 
+# A provider named by the environment is installed lazily, by the first lookup.
+_PROVIDER_FROM_ENV = "OTEL_PYTHON_TRACER_PROVIDER" in os.environ
+
+
+def tracing_enabled() -> bool:
+    """Whether this process records spans (a real tracer provider is installed).
+
+    Hot paths ask before building spans: a non-recording span still costs its context,
+    attributes and propagation on every message. (``get_tracer_provider()`` reads the
+    environment on every call until a provider is set, so it is not asked each time.)
+    """
+    if getattr(trace, "_TRACER_PROVIDER", None) is not None:
+        return True
+    return _PROVIDER_FROM_ENV and not isinstance(trace.get_tracer_provider(),
+                                                 trace.ProxyTracerProvider)
+
+
 def configure_tracing(service_name: str) -> TracerProvider | None:
     """Install a tracer provider for this process if the environment asks for one."""
     path = os.environ.get("NERVE_TRACE_FILE")

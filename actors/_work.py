@@ -40,6 +40,8 @@ from nerve import NerveError
 log = logging.getLogger("nerve.actors.work")
 
 H_HEARTBEAT = "Nerve-Heartbeat"
+# On the owner's reply to a result: "I do not drive this run"; store the result instead.
+H_NOT_OWNER = "Nerve-Not-Owner"
 
 StepKindName = Literal["llm", "tool", "sandbox", "activity", "timer", "signal", "marker", "child"]
 
@@ -212,8 +214,10 @@ class StepWorker(Actor[WorkItem]):
         payload = encode(result)
         if item.result_to:
             try:
-                await self.bus.nc.request(item.result_to, payload, timeout=self.reply_timeout)
-                return  # the owner has it in the history
+                answer = await self.bus.replies.request(item.result_to, payload,
+                                                        timeout=self.reply_timeout)
+                if answer.headers.get(H_NOT_OWNER) is None:
+                    return  # the owner has it in the history
             except (TimeoutError, NoRespondersError, NatsTimeoutError):
                 pass  # no owner right now: the next one reads the inbox
             except NatsClientError as exc:

@@ -2,7 +2,9 @@
 
 from bus._connect import NATS_URL_ENV, Bus, ConnectOptions, connect
 from bus._embedded import EmbeddedNats, EmbeddedNatsConfig, ServerState, find_nats_server
+from bus._parser import RawHeaders
 from bus._provision import StreamLimits, provision, stream_configs
+from bus._replies import Reply, ReplyInbox, StoredAck
 from bus._subjects import Names, check_token
 
 __all__ = [
@@ -12,7 +14,11 @@ __all__ = [
     "EmbeddedNats",
     "EmbeddedNatsConfig",
     "Names",
+    "RawHeaders",
+    "Reply",
+    "ReplyInbox",
     "ServerState",
+    "StoredAck",
     "StreamLimits",
     "check_token",
     "connect",

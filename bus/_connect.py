@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -12,12 +13,20 @@ from pathlib import Path
 from typing import Any
 
 from nats.aio.client import Client as NatsClient
+from nats.errors import (
+    BadHeaderError,
+    ConnectionClosedError,
+    ConnectionDrainingError,
+    MaxPayloadError,
+    OutboundBufferLimitError,
+)
 from nats.errors import Error as NatsClientError
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
 from bus._parser import RawSink, WireParser
+from bus._replies import ReplyInbox
 from bus._subjects import Names
 from nerve import BusError, ConfigError
 
@@ -92,6 +101,47 @@ class _Client(NatsClient):
         super().__init__()
         self.raw_sinks: dict[int, RawSink] = {}
         self._ps = WireParser(self)
+        self._kick: asyncio.Future[None] | None = None
+
+    def publish_now(self, subject: str, payload: bytes, reply: str = "",
+                    headers: dict[str, str] | None = None) -> None:
+        """``publish`` without the coroutine, the flusher queue's future per call, or the
+        regular expressions per header: queued for the flusher at once.
+
+        Same limits as ``publish`` (closed, draining, reconnect buffer, max payload). For
+        nerve's own messages: header names are nerve's, and values are refused if they
+        would break the header block (a CR or LF).
+        """
+        if self.is_closed:
+            raise ConnectionClosedError
+        if self.is_draining_pubs:
+            raise ConnectionDrainingError
+        size = len(payload)
+        if not self.is_connected and (self._max_pending_size <= 0 or
+                                      size + self._pending_data_size > self._max_pending_size):
+            raise OutboundBufferLimitError
+        if size > self._max_payload:
+            raise MaxPayloadError
+        if headers:
+            block = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+            if block.count("\n") != len(headers) or block.count("\r") != len(headers):
+                raise BadHeaderError(f"a header contains a line break: {headers!r}")
+            hdr = b"NATS/1.0\r\n" + block.encode() + b"\r\n"
+            cmd = b"HPUB %s %s %d %d\r\n%s%s\r\n" % (
+                subject.encode(), reply.encode(), len(hdr), len(hdr) + size, hdr, payload)
+        else:
+            cmd = b"PUB %s %s %d\r\n%s\r\n" % (subject.encode(), reply.encode(), size,
+                                                 payload)
+        self._pending.append(cmd)
+        self._pending_data_size += len(cmd)
+        self.stats["out_msgs"] += 1
+        self.stats["out_bytes"] += size
+        queue = self._flush_queue
+        if queue is not None and queue.empty() and self.is_connected:
+            if self._kick is None:
+                self._kick = asyncio.get_running_loop().create_future()
+                self._kick.set_result(None)  # the flusher resolves what it takes; this is
+            queue.put_nowait(self._kick)     # done already, so any one object serves
 
     def drop_pending(self) -> None:
         """Forget what is buffered for a server that is gone. nats-py's ``close`` writes it
@@ -116,9 +166,19 @@ class Bus:
         self._reconnect_listeners = reconnect_listeners if reconnect_listeners is not None else []
         self._kv: dict[str, KeyValue] = {}
         self._obj: dict[str, ObjectStore] = {}
+        self.replies = ReplyInbox(self)
+
+    async def publish(self, subject: str, payload: bytes, reply: str = "",
+                      headers: dict[str, str] | None = None) -> None:
+        """Publish nerve's own message (see ``_Client.publish_now``; plain nats-py otherwise)."""
+        if isinstance(self.nc, _Client):
+            self.nc.publish_now(subject, payload, reply, headers)
+        else:
+            await self.nc.publish(subject, payload, reply=reply, headers=headers)
 
     async def raw_subscribe(self, subject: str, sink: RawSink) -> Any:
-        """Subscribe with a plain callback ``sink(header_bytes_or_None, payload)``."""
+        """Subscribe with a plain callback ``sink(subject, reply, header_bytes_or_None,
+        payload)``, called synchronously by the wire parser."""
         sub = await self.nc.subscribe(subject)
         if isinstance(self.nc, _Client):
             self.nc.raw_sinks[sub._id] = sink
@@ -128,7 +188,7 @@ class Bus:
                 if msg.headers:
                     raw = b"NATS/1.0\r\n" + b"".join(
                         f"{k}: {v}\r\n".encode() for k, v in msg.headers.items()) + b"\r\n"
-                sink(raw, msg.data)
+                sink(msg.subject.encode(), (msg.reply or "").encode(), raw, msg.data)
 
             await sub.unsubscribe()
             sub = await self.nc.subscribe(subject, cb=forward)

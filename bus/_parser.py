@@ -30,14 +30,15 @@ from nats.protocol.parser import (
 _CRLF = b"\r\n"
 _M, _H = ord("M"), ord("H")
 
-RawSink = Callable[[bytes | None, bytes], None]
+# sink(subject, reply, header block or None, payload)
+RawSink = Callable[[bytes, bytes, bytes | None, bytes], None]
 
 
 class WireParser(Parser):
     """A drop-in for ``nats.protocol.parser.Parser`` (same state, same client callbacks).
 
-    ``nc.raw_sinks`` maps subscription ids to plain callbacks that get ``(headers, payload)``
-    of each message without a ``Msg`` object or a coroutine.
+    ``nc.raw_sinks`` maps subscription ids to plain callbacks that get ``(subject, reply,
+    headers, payload)`` of each message without a ``Msg`` object or a coroutine.
     """
 
     async def parse(self, data: bytes = b"") -> None:
@@ -66,7 +67,7 @@ class WireParser(Parser):
                     arg = self.msg_arg
                     sink = sinks.get(arg["sid"])
                     if sink is not None:
-                        sink(headers, payload)
+                        sink(arg["subject"], arg["reply"], headers, payload)
                     else:
                         await nc._process_msg(arg["sid"], arg["subject"], arg["reply"],
                                               payload, headers)
@@ -138,3 +139,33 @@ class WireParser(Parser):
         if len(buf) < MAX_CONTROL_LINE_SIZE and _CRLF in buf:
             raise ProtocolError("nats: unknown protocol")
         return 0
+
+
+class RawHeaders:
+    """A message's NATS header block, parsed only for the names asked for."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: bytes | None) -> None:
+        self.raw = raw or b""
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        key = b"\r\n" + name.encode() + b":"
+        i = self.raw.find(key)
+        if i < 0:
+            return default
+        start = i + len(key)
+        end = self.raw.find(b"\r\n", start)
+        return self.raw[start:end].strip().decode("utf-8", "replace")
+
+    def status(self) -> str | None:
+        """The inline status of a control message (``NATS/1.0 404 ...``), if any."""
+        line = self.raw[: self.raw.find(b"\r\n")] if self.raw else b""
+        parts = line.split(None, 2)
+        return parts[1].decode() if len(parts) > 1 else None
+
+    def __getitem__(self, name: str) -> str:
+        value = self.get(name)
+        if value is None:
+            raise KeyError(name)
+        return value

@@ -53,7 +53,9 @@ def stream_configs(names, limits: StreamLimits) -> list[StreamConfig]:
         StreamConfig(
             name=names.runs_stream, subjects=[f"{p}.runs.*.history", f"{p}.runs.*.inbox"],
             retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
-            duplicate_window=limits.duplicate_window, allow_direct=True, **common,
+            duplicate_window=limits.duplicate_window, allow_direct=True,
+            # Orchestrators store many runs' appends as one atomic batch: one fsync.
+            allow_atomic=True, **common,
         ),
         StreamConfig(
             name=names.work_stream, subjects=[f"{p}.work.>"],
@@ -118,7 +120,7 @@ async def _ensure_stream(bus: Bus, config: StreamConfig) -> None:
 
 def _differs(have: StreamConfig, want: StreamConfig) -> bool:
     fields = ("subjects", "retention", "storage", "max_age", "duplicate_window",
-              "max_msg_size", "allow_direct", "num_replicas")
+              "max_msg_size", "allow_direct", "allow_atomic", "num_replicas")
     return any(
         getattr(want, f) is not None and getattr(have, f) != getattr(want, f)
         for f in fields

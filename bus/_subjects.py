@@ -128,9 +128,14 @@ class Names:
     def work_activity(self) -> str:
         return f"{self.prefix}.work.activity"
 
-    def results(self, run_id: str = "*") -> str:
-        """Where workers hand step results straight to the run's owner (core, not stored)."""
-        return f"{self.prefix}.results.{self._id(run_id, 'run id')}"
+    def results(self, owner: str = "*", run_id: str = "*") -> str:
+        """Where workers hand step results straight to the run's owner (core, not stored).
+
+        Per owner, so one subscription serves all of an orchestrator's runs, and a dead
+        owner's subject has no responders (the worker stores the result at once).
+        """
+        return (f"{self.prefix}.results.{self._id(owner, 'orchestrator id')}."
+                f"{self._id(run_id, 'run id')}")
 
     def work_sandbox(self, sandbox_id: str = "*") -> str:
         return f"{self.prefix}.work.sandbox.{self._id(sandbox_id, 'sandbox id')}"

@@ -28,6 +28,7 @@ from persistence._events import (
     TimerFired,
     args_digest,
 )
+from persistence._group_commit import GroupCommit
 from persistence._history import RunHistory, decode_record, direct_get_subject, encode_record
 from persistence._messages import (
     INBOX_ADAPTER,
@@ -53,6 +54,7 @@ __all__ = [
     "CancelRequested",
     "Event",
     "ForkSpec",
+    "GroupCommit",
     "InboxMessage",
     "MarkerRecorded",
     "OwnerChanged",

@@ -23,9 +23,10 @@ from nats.errors import Error as NatsClientError
 from nats.js.errors import APIError, NotFoundError
 
 from actors import encode, stop_task
-from bus import Bus
+from bus import Bus, RawHeaders
 from nerve import CodecError, HistoryError, RunNotFound, StaleWriterError
 from persistence._events import EVENTS_ADAPTER, Event, RunStarted
+from persistence._group_commit import GroupCommit
 
 H_MSG_ID = "Nats-Msg-Id"
 H_EXPECTED_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
@@ -53,13 +54,16 @@ class RunHistory:
     the point; the second one gets :class:`~nerve.StaleWriterError`.
     """
 
-    def __init__(self, bus: Bus, run_id: str, writer: str | None = None) -> None:
+    def __init__(self, bus: Bus, run_id: str, writer: str | None = None,
+                 commit: GroupCommit | None = None) -> None:
         self.bus = bus
         self.run_id = run_id
+        self.commit = commit  # stores appends together with other runs' (one fsync)
         self.writer = writer  # stamped on every record (Nerve-Writer), for audits
         self.subject = bus.names.history(run_id)
         self.last_seq = 0  # stream sequence of the last record on the subject (0: none)
         self.length = 0  # number of events in the history
+        self.written: tuple[Event, ...] = ()  # what create() wrote, when it did
 
     async def read(self, after_seq: int = 0) -> list[Event]:
         """Read the whole history (or the records after stream sequence ``after_seq``).
@@ -106,6 +110,7 @@ class RunHistory:
             await self.append(started, *more)
         except StaleWriterError:
             return False
+        self.written = (started, *more)
         return True
 
     async def append(self, *events: Event) -> int:
@@ -122,7 +127,8 @@ class RunHistory:
         if self.writer:
             headers[H_WRITER] = self.writer
         try:
-            ack = await self.bus.js.publish(self.subject, payload, headers=headers)
+            ack = await (self.commit.append(self.subject, payload, headers) if self.commit
+                         else self.bus.replies.publish_stored(self.subject, payload, headers))
         except APIError as exc:
             if exc.err_code != WRONG_LAST_SEQUENCE:
                 raise HistoryError(f"append to {self.subject} failed: {exc.description}",
@@ -168,36 +174,6 @@ class RunHistory:
         return first
 
 
-class RawHeaders:
-    """A message's NATS header block, parsed only for the names asked for."""
-
-    __slots__ = ("raw",)
-
-    def __init__(self, raw: bytes | None) -> None:
-        self.raw = raw or b""
-
-    def get(self, name: str, default: str | None = None) -> str | None:
-        key = b"\r\n" + name.encode() + b":"
-        i = self.raw.find(key)
-        if i < 0:
-            return default
-        start = i + len(key)
-        end = self.raw.find(b"\r\n", start)
-        return self.raw[start:end].strip().decode("utf-8", "replace")
-
-    def status(self) -> str | None:
-        """The inline status of a control message (``NATS/1.0 404 ...``), if any."""
-        line = self.raw[: self.raw.find(b"\r\n")] if self.raw else b""
-        parts = line.split(None, 2)
-        return parts[1].decode() if len(parts) > 1 else None
-
-    def __getitem__(self, name: str) -> str:
-        value = self.get(name)
-        if value is None:
-            raise KeyError(name)
-        return value
-
-
 _SEQ_HEADER = b"\r\nNats-Sequence:"
 
 
@@ -207,7 +183,7 @@ async def _direct_batch(bus: Bus, stream: str, subject: str, start: int, batch: 
     got: list[tuple[int, bytes, RawHeaders]] = []
     done: asyncio.Future[RawHeaders] = asyncio.get_running_loop().create_future()
 
-    def sink(raw: bytes | None, data: bytes) -> None:
+    def sink(_subject: bytes, _reply: bytes, raw: bytes | None, data: bytes) -> None:
         raw = raw or b""
         i = raw.find(_SEQ_HEADER)
         if i < 0:  # a control message: end of batch, or nothing there

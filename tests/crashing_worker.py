@@ -27,7 +27,7 @@ class Crasher(Actor[dict]):
     def mailbox(self) -> WorkQueue:
         assert self.bus is not None
         return WorkQueue(stream=self.bus.names.work_stream, subjects=[self.bus.names.work_tool],
-                         durable="crasher", ack_wait=1.0, max_deliver=3, poll=0.5)
+                         durable="crasher", ack_wait=1.0, max_deliver=3)
 
     async def handle(self, message: dict[str, Any], delivery: Delivery) -> None:
         if message.get("poison"):

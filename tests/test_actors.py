@@ -51,7 +51,7 @@ class Worker(Actor[Job]):
     def mailbox(self) -> WorkQueue:
         return WorkQueue(stream=self.names.work_stream, subjects=[self.names.work_activity],
                          durable="worker", ack_wait=self.ack_wait, max_deliver=self.max_deliver,
-                         backoff=(0.05,), poll=0.5)
+                         backoff=(0.05,))
 
     async def handle(self, message: Job, delivery: Delivery) -> None:
         self.deliveries[message.n] = delivery.num_delivered

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from bus import Bus
 from nerve import RunNotFound, StaleWriterError
 from persistence import (
+    GroupCommit,
     MarkerRecorded,
     RunCompleted,
     RunHistory,
@@ -109,3 +112,77 @@ async def test_long_history_reads_across_batches(bus: Bus) -> None:
     events = await RunHistory(bus, "r6").read()
     assert len(events) == 2501
     assert [e.index for e in events[1:]] == list(range(2500))
+
+
+async def test_group_commit_stores_many_runs_in_one_batch_with_their_own_sequences(
+        bus: Bus) -> None:
+    """Concurrent appends of many runs go out as atomic batches; each writer learns its own
+    record's stream sequence (its next append is fenced on it, so a wrong one would fail)."""
+    commit = GroupCommit(bus)
+    writers = [RunHistory(bus, f"gc-{n}", commit=commit) for n in range(40)]
+    assert all(await asyncio.gather(*(w.create(started(w.run_id)) for w in writers)))
+    for i in range(3):
+        await asyncio.gather(*(w.append(step(i)) for w in writers))
+    assert commit.batches >= 1 and commit.appends >= 40, (commit.batches, commit.appends)
+    assert commit.batches < commit.appends  # fewer fsyncs than appends
+    for w in writers:
+        events = await RunHistory(bus, w.run_id).read()
+        assert [getattr(e, "index", None) for e in events] == [None, 0, 1, 2]
+        last = await bus.js.get_last_msg(bus.names.runs_stream, w.subject, direct=True)
+        assert last.seq == w.last_seq
+    await commit.close()
+
+
+async def test_group_commit_fails_only_the_stale_writer_in_a_batch(bus: Bus) -> None:
+    """A batch is all or nothing: one stale writer's fence must not cost the others their
+    appends, nor let the stale one through."""
+    commit = GroupCommit(bus)
+    owner = RunHistory(bus, "gc-stale")
+    await owner.create(started("gc-stale"))
+    stale = RunHistory(bus, "gc-stale", commit=commit)
+    await stale.read()
+    await owner.append(step(0))  # the stale copy's fence is now wrong
+    others = [RunHistory(bus, f"gc-ok-{n}", commit=commit) for n in range(10)]
+    for w in others:
+        await w.create(started(w.run_id))
+    results = await asyncio.gather(stale.append(step(99)),
+                                   *(w.append(step(0)) for w in others),
+                                   return_exceptions=True)
+    assert isinstance(results[0], StaleWriterError)
+    assert all(isinstance(r, int) for r in results[1:]), results
+    assert [getattr(e, "index", None) for e in await RunHistory(bus, "gc-stale").read()] == [
+        None, 0]
+    for w in others:
+        await w.append(step(1))  # fenced on the sequence the batch fallback reported
+    await commit.close()
+
+
+async def test_group_commit_retry_of_a_stored_append_is_stored_once(bus: Bus) -> None:
+    """A retried append (its first ack lost) inside a batch: the duplicate fails the batch,
+    the fallback finds the record already there, and nothing is stored twice."""
+    commit = GroupCommit(bus)
+    h = RunHistory(bus, "gc-retry", commit=commit)
+    await h.create(started("gc-retry"))
+    before_seq, before_len = h.last_seq, h.length
+    event = step(0)
+    seq = await h.append(event)
+    h.last_seq, h.length = before_seq, before_len  # as if that ack had been lost
+    others = [RunHistory(bus, f"gc-r-{n}", commit=commit) for n in range(5)]
+    for w in others:
+        await w.create(started(w.run_id))
+    again, *_ = await asyncio.gather(h.append(event), *(w.append(step(0)) for w in others))
+    assert again == seq
+    assert [getattr(e, "index", None) for e in await RunHistory(bus, "gc-retry").read()] == [
+        None, 0]
+    await commit.close()
+
+
+async def test_without_atomic_batches_appends_are_stored_one_by_one(bus: Bus) -> None:
+    commit = GroupCommit(bus, atomic=False)
+    writers = [RunHistory(bus, f"gc-plain-{n}", commit=commit) for n in range(10)]
+    await asyncio.gather(*(w.create(started(w.run_id)) for w in writers))
+    await asyncio.gather(*(w.append(step(0)) for w in writers))
+    assert commit.batches == 0
+    for w in writers:
+        assert len(await RunHistory(bus, w.run_id).read()) == 2
+    await commit.close()

@@ -23,13 +23,12 @@ class Recorder:
         self.seen: list[tuple[Any, ...]] = []
         self.raw_sinks = {RAW_SID: self._sink} if raw else {}
 
-    def _sink(self, headers: bytes | None, payload: bytes) -> None:
-        self.seen.append(("msg", RAW_SID, b"<raw>", b"<raw>", payload, headers))
+    def _sink(self, subject: bytes, reply: bytes, headers: bytes | None, payload: bytes,
+              ) -> None:
+        self.seen.append(("msg", RAW_SID, subject, reply, payload, headers))
 
     async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes,
                            headers: bytes | None) -> None:
-        if sid == RAW_SID:
-            subject = reply = b"<raw>"
         self.seen.append(("msg", sid, subject, reply, data, headers))
 
     async def _process_ping(self) -> None:

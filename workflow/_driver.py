@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import defaultdict, deque
@@ -28,7 +29,8 @@ from typing import TYPE_CHECKING, Any
 from nats.errors import Error as NatsClientError
 from opentelemetry import trace
 
-from actors import H_HEARTBEAT, Envelope, StepResult, WorkItem, decode, encode
+from actors import H_HEARTBEAT, Envelope, StepResult, WorkItem, decode, encode, tracing_enabled
+from bus import RawHeaders
 from nerve import CodecError, HistoryError, NerveError, StaleWriterError, WorkflowNotFound
 from persistence import (
     INBOX_ADAPTER,
@@ -63,12 +65,14 @@ from workflow._chaos import crash_point
 from workflow._context import RunContext
 from workflow._instance import Command, InstanceState, WorkflowInstance
 from workflow._policy import DEFAULT_POLICIES, RetryPolicy
-from workflow._tracing import end_step_span, start_step_span
+from workflow._tracing import end_step_span, run_traceparent, start_step_span
 
 if TYPE_CHECKING:
     from workflow._orchestrator import Orchestrator
 
 log = logging.getLogger("nerve.workflow.driver")
+
+_HEARTBEAT_KEY = H_HEARTBEAT.encode()
 
 
 @dataclass(slots=True)
@@ -131,7 +135,7 @@ class RunDriver:
     """Drives one run while its orchestrator owns it (see the module docstring)."""
 
     def __init__(self, orchestrator: Orchestrator, run_id: str, epoch: int, takeover: bool,
-                 replay_from: int = 0) -> None:
+                 replay_from: int = 0, created: RunHistory | None = None) -> None:
         self.orch = orchestrator
         self.bus = orchestrator.bus
         self.names = orchestrator.bus.names
@@ -139,7 +143,12 @@ class RunDriver:
         self.epoch = epoch
         self.takeover = takeover
         self.replay_from = replay_from
-        self.history = RunHistory(self.bus, run_id, writer=f"{orchestrator.owner_id}:{epoch}")
+        self.history = RunHistory(self.bus, run_id, writer=f"{orchestrator.owner_id}:{epoch}",
+                                  commit=orchestrator.group_commit)
+        # A run this orchestrator has just created: its history is what it wrote, so the
+        # driver starts from that instead of reading it back.
+        self._created = created
+        self._begun = False  # begin() ran the workflow to its first steps already
         self.instance: WorkflowInstance | None = None
         self.started: RunStarted | None = None
         self.status = "starting"
@@ -157,10 +166,9 @@ class RunDriver:
         self._deferred: list[_Open] = []
         self._new_commands: list[Command] = []
         self._to_dispatch: list[_Open] = []
-        self._confirms: set[asyncio.Task[None]] = set()
+        self._local_runs: set[asyncio.Task[None]] = set()
         self._replies: list[str] = []
         self._emits: list[StreamEvent] = []
-        self._subs: list[Any] = []
         self._inbox_seq = 0
         self._pending_dispatch_retry: asyncio.TimerHandle | None = None
         self.finished = asyncio.Event()
@@ -172,7 +180,6 @@ class RunDriver:
     # -- lifecycle ----------------------------------------------------------------------------
     async def run(self) -> None:
         try:
-            await self._subscribe()
             if await self._replay():
                 await self._catch_up_inbox()
                 self._start_open_steps()
@@ -193,53 +200,89 @@ class RunDriver:
     async def _teardown(self) -> None:
         for op in self._open.values():
             op.cancel_timers()
-        for task in list(self._confirms):
+        for task in list(self._local_runs):
             task.cancel()
         if self._pending_dispatch_retry is not None:
             self._pending_dispatch_retry.cancel()
-        for sub in self._subs:
-            with contextlib.suppress(NatsClientError):
-                await sub.unsubscribe()
-        self._subs.clear()
 
     def put(self, item: Input) -> None:
         self._queue.put_nowait(item)
 
-    # -- subscriptions ------------------------------------------------------------------------
-    async def _subscribe(self) -> None:
-        nc = self.bus.nc
-        self._subs.append(await nc.subscribe(self.names.results(self.run_id),
-                                             cb=self._on_result))
-        self._subs.append(await nc.subscribe(self.names.inbox(self.run_id), cb=self._on_inbox))
-
-    async def _on_result(self, msg: Any) -> None:
-        beat = (msg.headers or {}).get(H_HEARTBEAT)
-        if beat:
-            index, attempt = beat.split(":", 1)
-            self.put(_Heartbeat(int(index), int(attempt)))
+    # -- what the orchestrator routes here -----------------------------------------------------
+    def on_result(self, reply: bytes, headers: bytes | None, data: bytes) -> None:
+        """A worker's result (or heartbeat) on the owner's results subject."""
+        if headers is not None and _HEARTBEAT_KEY in headers:
+            beat = RawHeaders(headers).get(H_HEARTBEAT)
+            if beat:
+                index, attempt = beat.split(":", 1)
+                self.put(_Heartbeat(int(index), int(attempt)))
             return
         try:
-            result = decode(msg.data, StepResult)
+            result = decode(data, StepResult)
         except CodecError as exc:
             log.warning("run %s: undecodable step result: %s", self.run_id, exc.message)
             return
-        self.put(_Result(result, msg.reply or None))
+        self.put(_Result(result, reply.decode() if reply else None))
 
-    async def _on_inbox(self, msg: Any) -> None:
+    def on_inbox(self, data: bytes) -> None:
+        """A message published to the run's inbox while we own it."""
         try:
-            message = decode(msg.data, INBOX_ADAPTER)
+            message = decode(data, INBOX_ADAPTER)
         except CodecError as exc:
             log.warning("run %s: undecodable inbox message: %s", self.run_id, exc.message)
             return
         self.put(_Inbox(message))
 
     # -- replay -------------------------------------------------------------------------------
+    def begin(self, started: RunStarted) -> list[Event] | None:
+        """Run a new run's workflow up to its first steps, before its history exists.
+
+        Returns the events those steps add after ``started``: the caller writes them in the
+        run's first record (one fsync'd append per run fewer), then runs this driver with
+        ``created`` set. None if the workflow cannot begin here (the caller then starts a
+        driver that replays what was written, which reports why).
+        """
+        try:
+            definition = self.orch.registry.get(started.workflow, started.version)
+        except WorkflowNotFound:
+            return None
+        self.started = started
+        instance = self._new_instance(definition.fn, [started], None)
+        instance.apply(started, recorded=True)
+        if instance.state is InstanceState.BLOCKED:
+            return None
+        self._track(started)
+        self._adopt(instance.take_commands(), live=False)
+        fresh = instance.take_events()
+        instance.take_emits()  # as on any replay of the first record
+        for event in fresh:
+            self._track(event)
+        self._adopt(instance.take_commands(), live=True, produced=fresh)
+        self._begun = True
+        return fresh
+
     async def _replay(self) -> bool:
         """Rebuild the run from its history. False if there is nothing (left) to drive."""
-        # A run that continued as new replays only its current segment.
-        self.started = await self.history.first()
-        events = await self.history.read(max(0, self.replay_from - 1)) if self.replay_from \
-            else await self.history.read()
+        if self._begun:
+            assert self._created is not None
+            self.history.last_seq = self._created.last_seq
+            self.history.length = self._created.length
+            for event in self._created.written:
+                if isinstance(event, StepScheduled):
+                    crash_point("scheduled", event.index)
+            self.status = "running"
+            self._emit_status()
+            return True
+        if self._created is not None and self._created.written:
+            events = list(self._created.written)
+            self.started = events[0] if isinstance(events[0], RunStarted) else None
+            self.history.last_seq, self.history.length = (self._created.last_seq,
+                                                          self._created.length)
+        else:
+            # A run that continued as new replays only its current segment.
+            self.started = await self.history.first()
+            events = await self.history.read(max(0, self.replay_from - 1)) \
+                if self.replay_from else await self.history.read()
         if self.started is None or not events:
             log.error("run %s has no history to drive", self.run_id)
             self.status = "missing"
@@ -592,12 +635,11 @@ class RunDriver:
     # -- after each commit --------------------------------------------------------------------
     async def _flush_outputs(self) -> None:
         """Reply to workers, publish live events, start new steps: only after the commit."""
-        nc = self.bus.nc
         self._start_open_steps()  # arms timers, queues dispatches and status changes
         replies, self._replies = self._replies, []
         for reply in replies:
             with contextlib.suppress(NatsClientError):
-                await nc.publish(reply, b"")
+                await self.bus.publish(reply, b"")
         if self.instance is not None:
             self._emits.extend(self.instance.take_emits())
         emits, self._emits = self._emits, []
@@ -605,10 +647,10 @@ class RunDriver:
             # Pipelined, not awaited one by one: live output must not cost the run an fsync
             # per event. Published before the dispatches below, on the same connection, so
             # the stream shows a tool call starting before anything the tool says.
-            with contextlib.suppress(NatsClientError, asyncio.TimeoutError):
-                ack = await self.bus.js.publish_async(self.names.stream(self.run_id),
-                                                      encode(ev), wait_stall=5.0)
-                self._background(self._confirm_emit(ack))
+            with contextlib.suppress(NatsClientError):
+                stored = await self.bus.replies.send(self.names.stream(self.run_id),
+                                                     encode(ev), timeout=10.0, stored=True)
+                stored.add_done_callback(self._emit_stored)
         await self._dispatch_pending()
 
     def _start_open_steps(self) -> None:
@@ -664,17 +706,23 @@ class RunDriver:
         item = WorkItem(run_id=self.run_id, tenant=self.started.tenant, index=cmd.index,
                         attempt=op.attempt, kind=cmd.kind, name=cmd.name, args=cmd.args,
                         key=key, reply_to=self.names.inbox(self.run_id),
-                        result_to=self.names.results(self.run_id), deadline=deadline,
+                        result_to=self.names.results(self.orch.owner_id, self.run_id),
+                        deadline=deadline,
                         meta=cmd.meta)
         self._trace(op)
-        with trace.use_span(op.span, end_on_exit=False):  # the item carries its traceparent
-            headers = Envelope(run_id=self.run_id, tenant=self.started.tenant).to_headers(
-                {"Nats-Msg-Id": f"work:{key}:{op.attempt}"})
+        envelope = Envelope(run_id=self.run_id, tenant=self.started.tenant)
+        extra = {"Nats-Msg-Id": f"work:{key}:{op.attempt}"}
+        if op.span is None:  # not tracing here: the worker's spans still join the run's trace
+            envelope.traceparent = run_traceparent(self.run_id)
+            headers = envelope.to_headers(extra)
+        else:
+            with trace.use_span(op.span, end_on_exit=False):  # carries the step's traceparent
+                headers = envelope.to_headers(extra)
         # Not waiting for the work queue's ack keeps a round trip off every step's critical
-        # path; the ack is checked in the background and a lost item is dispatched again.
-        ack = await self.bus.js.publish_async(cmd.subject, encode(item), headers=headers,
-                                              wait_stall=5.0)
-        self._background(self._confirm_dispatch(op, op.attempt, ack))
+        # path; the ack is checked when it comes and a lost item is dispatched again.
+        stored = await self.bus.replies.send(cmd.subject, encode(item), headers, timeout=5.0,
+                                             stored=True)
+        stored.add_done_callback(functools.partial(self._dispatch_stored, op, op.attempt))
         op.dispatched = True
         crash_point("dispatched", cmd.index)
         op.last_heartbeat = 0.0  # not started by a worker yet
@@ -682,19 +730,11 @@ class RunDriver:
             self._arm(op, deadline, "timeout")
 
     def _trace(self, op: _Open) -> None:
-        if op.span is None and self.started is not None:
+        if op.span is None and self.started is not None and tracing_enabled():
             op.span = start_step_span(self.started, op.command, op.attempt)
 
-    def _background(self, coro: Any) -> None:
-        task = asyncio.create_task(coro)
-        self._confirms.add(task)
-        task.add_done_callback(self._confirms.discard)
-
-    async def _confirm_emit(self, ack: asyncio.Future[Any]) -> None:
-        try:
-            # On timeout wait_for cancels the ack future, which frees nats-py's slot for it.
-            await asyncio.wait_for(ack, timeout=10.0)
-        except (NatsClientError, TimeoutError) as exc:
+    def _emit_stored(self, stored: asyncio.Future[Any]) -> None:
+        if not stored.cancelled() and (exc := stored.exception()) is not None:
             log.warning("run %s: a live event was not stored: %r", self.run_id, exc)
 
     def _run_local(self, op: _Open) -> None:
@@ -705,7 +745,9 @@ class RunDriver:
         """
         op.dispatched = True
         self._trace(op)
-        self._background(self._local(op, op.attempt))
+        task = asyncio.create_task(self._local(op, op.attempt))
+        self._local_runs.add(task)
+        task.add_done_callback(self._local_runs.discard)
 
     async def _local(self, op: _Open, attempt: int) -> None:
         from workflow._activity import ActivityContext, call_activity
@@ -733,16 +775,13 @@ class RunDriver:
         result.duration_ms = (time.perf_counter() - started) * 1000
         self.put(_Result(result))
 
-    async def _confirm_dispatch(self, op: _Open, attempt: int, ack: asyncio.Future[Any],
-                                ) -> None:
-        try:
-            await asyncio.wait_for(ack, timeout=5.0)
-        except (NatsClientError, TimeoutError) as exc:
-            if self._open.get(op.command.index) is op and op.attempt == attempt:
-                log.warning("run %s: work item for step %s was not stored (%r); dispatching "
-                            "it again", self.run_id, op.command.index, exc)
-                op.dispatched = False
-                self.put(_Redispatch(op.command.index))
+    def _dispatch_stored(self, op: _Open, attempt: int, stored: asyncio.Future[Any]) -> None:
+        exc = None if stored.cancelled() else stored.exception()
+        if exc is not None and self._open.get(op.command.index) is op and op.attempt == attempt:
+            log.warning("run %s: work item for step %s was not stored (%r); dispatching it "
+                        "again", self.run_id, op.command.index, exc)
+            op.dispatched = False
+            self.put(_Redispatch(op.command.index))
 
     def _arm(self, op: _Open, when: float, reason: str) -> None:
         loop = asyncio.get_running_loop()

@@ -28,7 +28,17 @@ from nats.aio.msg import Msg
 from nats.errors import Error as NatsClientError
 from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
 
-from actors import Actor, Delivery, WorkQueue, cancel_and_wait, encode, encode_json, unpack
+from actors import (
+    H_HEARTBEAT,
+    H_NOT_OWNER,
+    Actor,
+    Delivery,
+    WorkQueue,
+    cancel_and_wait,
+    encode,
+    encode_json,
+    unpack,
+)
 from budget_actor import KillNotice, KillNotices, kill_notices
 from bus import Bus, check_token
 from nerve import (
@@ -38,7 +48,15 @@ from nerve import (
     NerveError,
     TaskRejected,
 )
-from persistence import CancelMessage, Event, PauseMessage, RunHistory, RunStarted, TaskRequest
+from persistence import (
+    CancelMessage,
+    Event,
+    GroupCommit,
+    PauseMessage,
+    RunHistory,
+    RunStarted,
+    TaskRequest,
+)
 from supervisor import Lease, lease_entries, watch_leases
 from workflow._definition import ActivityRegistry, WorkflowRegistry, workflows
 from workflow._definition import activities as default_activities
@@ -84,7 +102,7 @@ class _TaskIntake(Actor[Msg]):
     def mailbox(self) -> WorkQueue:
         names = self.orch.bus.names
         return WorkQueue(stream=names.tasks_stream, subjects=[names.tasks("*")],
-                         durable="orchestrator-tasks", ack_wait=30, max_deliver=10, poll=1.0)
+                         durable="orchestrator-tasks", ack_wait=30, max_deliver=10)
 
     async def handle(self, message: Msg, delivery: Delivery) -> None:
         # A rejected task is answered on nerve.tasks.rejected and acked: retrying it cannot
@@ -123,6 +141,9 @@ class Orchestrator:
         self._parked: set[str] = set()
         self.sweep_every = max(5.0, 3 * host_ttl)
         self._kill_notices: KillNotices | None = None
+        self._subs: list[Any] = []
+        # Every run this orchestrator writes shares its fsyncs (see GroupCommit).
+        self.group_commit = GroupCommit(bus, atomic=False)
         self.ready = asyncio.Event()
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -137,6 +158,14 @@ class Orchestrator:
             await self.stop()
 
     async def start(self) -> None:
+        # One subscription each for all our runs' results and inboxes, routed by run id:
+        # starting a run costs no subscription.
+        self._subs = [
+            await self.bus.raw_subscribe(self.bus.names.results(self.owner_id, "*"),
+                                         self._on_result),
+            await self.bus.raw_subscribe(self.bus.names.inbox("*"), self._on_inbox),
+        ]
+        self.group_commit.atomic = await self._atomic_batches()
         await self.host_lease.wait_acquire(poll=0.2, timeout=max(10.0, 3 * self.host_lease.ttl))
         self.host_lease.keep_alive(on_lost=self._on_lease_lost)
         self._spawn(self._watch())
@@ -150,6 +179,41 @@ class Orchestrator:
         self.bus.on_reconnect(self._on_reconnect)
         await self.ready.wait()
         log.info("orchestrator %s ready", self.owner_id)
+
+    async def _atomic_batches(self) -> bool:
+        """Whether the runs stream takes atomic batches (nats-server 2.12+, provisioned so)."""
+        try:
+            info = await self.bus.js.stream_info(self.bus.names.runs_stream)
+        except (NatsClientError, TimeoutError) as exc:
+            log.warning("orchestrator %s: cannot read the runs stream's config (%r); storing "
+                        "appends one by one", self.owner_id, exc)
+            return False
+        if not info.config.allow_atomic:
+            log.warning("orchestrator %s: stream %s does not allow atomic batches (nats-server "
+                        "older than 2.12?); every append costs its own fsync", self.owner_id,
+                        self.bus.names.runs_stream)
+        return bool(info.config.allow_atomic)
+
+    def _on_result(self, subject: bytes, reply: bytes, headers: bytes | None, data: bytes,
+                   ) -> None:
+        driver = self.drivers.get(subject.rpartition(b".")[2].decode())
+        if driver is not None:
+            driver.on_result(reply, headers, data)
+        elif reply and not (headers and H_HEARTBEAT.encode() in headers):
+            # Not ours (any more): tell the worker now, so it stores the result on the
+            # run's durable inbox instead of waiting out its reply timeout.
+            self._spawn(self._not_owner(reply.decode()))
+
+    async def _not_owner(self, reply: str) -> None:
+        with contextlib.suppress(NatsClientError):
+            await self.bus.nc.publish(reply, b"", headers={H_NOT_OWNER: self.owner_id})
+
+    def _on_inbox(self, subject: bytes, _reply: bytes, _headers: bytes | None, data: bytes,
+                  ) -> None:
+        # <prefix>.runs.<run_id>.inbox
+        driver = self.drivers.get(subject.rsplit(b".", 2)[1].decode())
+        if driver is not None:
+            driver.on_inbox(data)
 
     async def _on_reconnect(self) -> None:
         # The server may have restarted and lost queued work (NERVE_WORK is in memory):
@@ -166,6 +230,10 @@ class Orchestrator:
         if stuck:
             log.error("orchestrator %s: %d tasks still running %.0fs after being cancelled",
                       self.owner_id, len(stuck), timeout)
+        for sub in self._subs:
+            await self.bus.raw_unsubscribe(sub)
+        self._subs.clear()
+        await self.group_commit.close()
         # Release the host lease so peers take our runs now rather than after the TTL.
         with contextlib.suppress(NatsClientError, TimeoutError):
             await asyncio.wait_for(self.host_lease.release(), timeout)
@@ -282,8 +350,11 @@ class Orchestrator:
             await kv.delete(self.bus.names.run_lease(run_id))
 
     def _start_driver(self, run_id: str, epoch: int, takeover: bool,
-                      replay_from: int = 0) -> RunDriver:
-        driver = RunDriver(self, run_id, epoch, takeover, replay_from)
+                      replay_from: int = 0, created: RunHistory | None = None) -> RunDriver:
+        return self._run_driver(RunDriver(self, run_id, epoch, takeover, replay_from, created))
+
+    def _run_driver(self, driver: RunDriver) -> RunDriver:
+        run_id = driver.run_id
         self.drivers[run_id] = driver
         task = asyncio.create_task(driver.run(), name=f"run:{run_id}")
         self._driver_tasks[run_id] = task
@@ -363,8 +434,13 @@ class Orchestrator:
 
         ``prefix``: events copied from a parent run after ``RunStarted`` (a fork).
         """
-        history = RunHistory(self.bus, started.run_id)
-        created = await history.create(started, *(prefix or []))
+        history = RunHistory(self.bus, started.run_id, commit=self.group_commit)
+        driver = first = None
+        if not prefix:
+            # The first record also schedules the run's first steps: one append per run.
+            driver = RunDriver(self, started.run_id, 1, takeover=False, created=history)
+            first = driver.begin(started)
+        created = await history.create(started, *(prefix or first or []))
         if not created:
             events = await history.read()
             if events and events[-1].type in ("run_completed", "run_failed", "run_cancelled"):
@@ -378,7 +454,11 @@ class Orchestrator:
         if created:
             log.info("run %s started (%s %s, tenant %s)", started.run_id, started.workflow,
                      started.version, started.tenant)
-        self._start_driver(started.run_id, 1, takeover=not created)
+        if created and first is not None and driver is not None:
+            self._run_driver(driver)
+        else:
+            self._start_driver(started.run_id, 1, takeover=not created,
+                               created=history if created else None)
 
     @staticmethod
     def _run_id_for(tenant: str, msg: Msg) -> str:

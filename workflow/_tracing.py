@@ -11,6 +11,7 @@ span) are its children.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from typing import Any
 
@@ -32,6 +33,13 @@ def run_span_context(run_id: str) -> SpanContext:
     span_id = int.from_bytes(digest[16:24], "big") or 1
     return SpanContext(trace_id, span_id, is_remote=True,
                        trace_flags=TraceFlags(TraceFlags.SAMPLED))
+
+
+@functools.lru_cache(maxsize=4096)
+def run_traceparent(run_id: str) -> str:
+    """The W3C ``traceparent`` of the run's root span."""
+    ctx = run_span_context(run_id)
+    return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
 
 
 def start_step_span(started: RunStarted, cmd: Command, attempt: int) -> trace.Span:
