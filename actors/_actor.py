@@ -94,6 +94,29 @@ class Delivery:
             await self.msg.ack()
 
 
+class _Heartbeat:
+    """Sends ``in_progress`` every ``every`` seconds while a handler holds a message."""
+
+    def __init__(self, delivery: Delivery, every: float) -> None:
+        self.delivery = delivery
+        self.every = every
+        self._beating: asyncio.Task[None] | None = None
+        self._timer = asyncio.get_running_loop().call_later(every, self._beat)
+
+    def _beat(self) -> None:
+        self._beating = asyncio.create_task(self._send())
+
+    async def _send(self) -> None:
+        with contextlib.suppress(NatsClientError):
+            await self.delivery.in_progress()
+        self._timer = asyncio.get_running_loop().call_later(self.every, self._beat)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+        if self._beating is not None:
+            self._beating.cancel()
+
+
 class Actor(Generic[M]):
     """Base class for every actor.
 
@@ -205,7 +228,8 @@ class Actor(Generic[M]):
                 await self._reply_error(msg, exc)
             return
         delivery = Delivery(msg, envelope, work)
-        heartbeat = asyncio.create_task(self._heartbeat(delivery)) if work else None
+        # A timer, not a task per message: most handlers finish long before the first beat.
+        heartbeat = self._arm_heartbeat(delivery) if work else None
         span = tracer.start_as_current_span(
             f"{self.name} process", context=envelope.trace_context(),
             kind=trace.SpanKind.CONSUMER,
@@ -232,13 +256,9 @@ class Actor(Generic[M]):
             assert self.bus is not None
             await self.bus.nc.publish(msg.reply, encode(result), headers=_REPLY_HEADERS)
 
-    async def _heartbeat(self, delivery: Delivery) -> None:
+    def _arm_heartbeat(self, delivery: Delivery) -> _Heartbeat:
         assert isinstance(self._spec, WorkQueue)
-        every = self._spec.ack_wait / 3
-        while True:
-            await asyncio.sleep(every)
-            with contextlib.suppress(NatsClientError):
-                await delivery.in_progress()
+        return _Heartbeat(delivery, self._spec.ack_wait / 3)
 
     async def _failed_delivery(self, msg: Msg, delivery: Delivery, exc: Exception) -> None:
         assert isinstance(self._spec, WorkQueue)

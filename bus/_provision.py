@@ -146,6 +146,9 @@ async def provision(bus: Bus, limits: StreamLimits | None = None,
         bucket=names.leases_bucket, history=1, storage=StorageType.FILE,
         replicas=limits.replicas, limit_marker_ttl=lease_marker_ttl,
     ))
+    # Orchestrators write run records (one created and one deleted per run) in atomic
+    # batches, like history appends: one fsync for many.
+    await _allow_atomic(bus, f"KV_{names.leases_bucket}")
     # Budgets: a few revisions of history make ledger changes auditable.
     await _ensure_kv(bus, KeyValueConfig(
         bucket=names.budgets_bucket, history=8, storage=StorageType.FILE,
@@ -169,6 +172,18 @@ async def provision(bus: Bus, limits: StreamLimits | None = None,
                     f"cannot create object store {names.snapshots_bucket}: {exc.description}",
                     bucket=names.snapshots_bucket, code=exc.err_code,
                 ) from None
+
+
+async def _allow_atomic(bus: Bus, stream: str) -> None:
+    info = await bus.js.stream_info(stream)
+    if info.config.allow_atomic:
+        return
+    info.config.allow_atomic = True
+    try:
+        await bus.js.update_stream(info.config)
+    except BadRequestError as exc:  # a server older than 2.12: batches are not used then
+        log.warning("stream %s cannot take atomic batches (%s); writes to it are not "
+                    "grouped", stream, exc.description)
 
 
 async def _ensure_kv(bus: Bus, config: KeyValueConfig) -> None:

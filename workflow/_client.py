@@ -8,9 +8,9 @@ from typing import Any
 
 from nats.errors import TimeoutError as NatsTimeoutError
 
-from actors import encode, encode_json, new_id
+from actors import decode, encode, encode_json, new_id
 from bus import Bus, check_token
-from nerve import RunNotFound, WorkflowError
+from nerve import CodecError, RunNotFound, WorkflowError
 from persistence import (
     CancelMessage,
     Event,
@@ -32,6 +32,7 @@ from persistence import (
     StepCompleted,
     StepFailed,
     StepScheduled,
+    StreamEvent,
     TaskRequest,
 )
 
@@ -194,7 +195,16 @@ class NerveClient:
                         msg = await sub.next_msg(timeout=wait)
                     except (NatsTimeoutError, TimeoutError):
                         break
-                    if b"status" in msg.data:  # a status event (msgpack keeps the bytes)
+                    if b"status" in msg.data and _announces(msg.data, statuses):
                         break
         finally:
             await sub.unsubscribe()
+
+
+def _announces(data: bytes, statuses: tuple[str, ...]) -> bool:
+    """Whether a live event says the run reached one of ``statuses`` (re-read then)."""
+    try:
+        event = decode(data, StreamEvent)
+    except CodecError:
+        return True  # cannot tell: look at the history
+    return event.type == "status" and event.data.get("status") in statuses

@@ -93,7 +93,7 @@ class _TaskIntake(Actor[Msg]):
     """Consumes ``NERVE_TASKS`` (JSON or msgpack, decoded by the orchestrator)."""
 
     message_type = Msg
-    concurrency = 32
+    concurrency = 256
 
     def __init__(self, orchestrator: Orchestrator) -> None:
         super().__init__("task-intake")
@@ -142,8 +142,10 @@ class Orchestrator:
         self.sweep_every = max(5.0, 3 * host_ttl)
         self._kill_notices: KillNotices | None = None
         self._subs: list[Any] = []
-        # Every run this orchestrator writes shares its fsyncs (see GroupCommit).
+        # Every run this orchestrator writes shares its fsyncs (see GroupCommit): one group
+        # for the histories, one for the run records.
         self.group_commit = GroupCommit(bus, atomic=False)
+        self._records = GroupCommit(bus, atomic=False)
         self.ready = asyncio.Event()
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -165,7 +167,9 @@ class Orchestrator:
                                          self._on_result),
             await self.bus.raw_subscribe(self.bus.names.inbox("*"), self._on_inbox),
         ]
-        self.group_commit.atomic = await self._atomic_batches()
+        self.group_commit.atomic = await self._atomic_batches(self.bus.names.runs_stream)
+        self._records.atomic = await self._atomic_batches(
+            f"KV_{self.bus.names.leases_bucket}")
         await self.host_lease.wait_acquire(poll=0.2, timeout=max(10.0, 3 * self.host_lease.ttl))
         self.host_lease.keep_alive(on_lost=self._on_lease_lost)
         self._spawn(self._watch())
@@ -180,18 +184,18 @@ class Orchestrator:
         await self.ready.wait()
         log.info("orchestrator %s ready", self.owner_id)
 
-    async def _atomic_batches(self) -> bool:
-        """Whether the runs stream takes atomic batches (nats-server 2.12+, provisioned so)."""
+    async def _atomic_batches(self, stream: str) -> bool:
+        """Whether ``stream`` takes atomic batches (nats-server 2.12+, provisioned so)."""
         try:
-            info = await self.bus.js.stream_info(self.bus.names.runs_stream)
+            info = await self.bus.js.stream_info(stream)
         except (NatsClientError, TimeoutError) as exc:
             log.warning("orchestrator %s: cannot read the runs stream's config (%r); storing "
                         "appends one by one", self.owner_id, exc)
             return False
         if not info.config.allow_atomic:
             log.warning("orchestrator %s: stream %s does not allow atomic batches (nats-server "
-                        "older than 2.12?); every append costs its own fsync", self.owner_id,
-                        self.bus.names.runs_stream)
+                        "older than 2.12?); every write to it costs its own fsync",
+                        self.owner_id, stream)
         return bool(info.config.allow_atomic)
 
     def _on_result(self, subject: bytes, reply: bytes, headers: bytes | None, data: bytes,
@@ -234,6 +238,7 @@ class Orchestrator:
             await self.bus.raw_unsubscribe(sub)
         self._subs.clear()
         await self.group_commit.close()
+        await self._records.close()
         # Release the host lease so peers take our runs now rather than after the TTL.
         with contextlib.suppress(NatsClientError, TimeoutError):
             await asyncio.wait_for(self.host_lease.release(), timeout)
@@ -345,9 +350,9 @@ class Orchestrator:
 
     async def release_run(self, run_id: str) -> None:
         """The run ended: drop its record so nobody tries to take it over."""
-        kv = await self.bus.kv(self.bus.names.leases_bucket)
-        with contextlib.suppress(KeyNotFoundError, APIError, NatsClientError):
-            await kv.delete(self.bus.names.run_lease(run_id))
+        with contextlib.suppress(APIError, NatsClientError, TimeoutError):
+            await self._records.append(self._record_subject(run_id), b"",
+                                       {"KV-Operation": "DEL"})
 
     def _start_driver(self, run_id: str, epoch: int, takeover: bool,
                       replay_from: int = 0, created: RunHistory | None = None) -> RunDriver:
@@ -445,11 +450,8 @@ class Orchestrator:
             events = await history.read()
             if events and events[-1].type in ("run_completed", "run_failed", "run_cancelled"):
                 return  # a duplicate of a finished run
-        kv = await self.bus.kv(self.bus.names.leases_bucket)
-        record = RunRecord(self.owner_id, 1, started.tenant)
-        try:
-            await kv.create(self.bus.names.run_lease(started.run_id), record.encode())
-        except (KeyWrongLastSequenceError, APIError):
+        if not await self._create_record(started.run_id,
+                                         RunRecord(self.owner_id, 1, started.tenant)):
             return  # someone owns it already (a duplicate delivery of the same task)
         if created:
             log.info("run %s started (%s %s, tenant %s)", started.run_id, started.workflow,
@@ -459,6 +461,26 @@ class Orchestrator:
         else:
             self._start_driver(started.run_id, 1, takeover=not created,
                                created=history if created else None)
+
+    def _record_subject(self, run_id: str) -> str:
+        return f"$KV.{self.bus.names.leases_bucket}.{self.bus.names.run_lease(run_id)}"
+
+    async def _create_record(self, run_id: str, record: RunRecord) -> bool:
+        """Create the run's record (grouped with other runs'); False if it exists."""
+        try:
+            await self._records.append(self._record_subject(run_id), record.encode(),
+                                       {"Nats-Expected-Last-Subject-Sequence": "0"})
+            return True
+        except APIError:
+            pass
+        # The key has a revision: a live record (someone owns the run), or the delete
+        # marker of an ended one, which nats-py's create knows to write over.
+        kv = await self.bus.kv(self.bus.names.leases_bucket)
+        try:
+            await kv.create(self.bus.names.run_lease(run_id), record.encode())
+        except (KeyWrongLastSequenceError, APIError):
+            return False
+        return True
 
     @staticmethod
     def _run_id_for(tenant: str, msg: Msg) -> str:
