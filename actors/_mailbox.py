@@ -173,6 +173,7 @@ class PullMailbox:
         self._asked = 0  # messages the open pull requests may still deliver
         self._heard = 0.0  # when the server last sent us anything
         self._reconnects = 0
+        self._lost = False  # the last recovery failed
         self._inbox = ""
         self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{spec.stream}.{spec.durable}"
         self._sub: Any = None
@@ -264,25 +265,33 @@ class PullMailbox:
             await self._ask()
 
     async def _watch(self) -> None:
-        """Ask again after a reconnect (the server forgot our requests) or a long silence."""
+        """Ask again after a reconnect (the server forgot our requests), a long silence, or
+        a recovery that has not worked yet (retried every second)."""
         while not self._closing:
             await asyncio.sleep(1.0)
             reconnects = self.bus.nc.stats["reconnects"]
             if reconnects != self._reconnects:
                 self._reconnects = reconnects
                 await self._recover("reconnected")
+            elif self._lost:
+                await self._recover("still without a consumer")
             elif time.monotonic() - self._heard > 2 * _PULL_HEARTBEAT + 1:
                 await self._recover("no heartbeat from the server")
 
     async def _recover(self, why: str) -> None:
-        log.warning("mailbox %s: %s; re-creating its consumer and asking again",
-                    self.spec.durable, why)
+        if not self._lost:
+            log.warning("mailbox %s: %s; re-creating its consumer and asking again",
+                        self.spec.durable, why)
         self._heard = time.monotonic()
         try:
             await self._ensure_consumer()
         except (TimeoutError, NatsClientError, NotFoundError) as exc:
-            log.warning("mailbox %s: consumer not re-created yet (%r)", self.spec.durable, exc)
+            if not self._lost:
+                log.warning("mailbox %s: consumer not re-created yet (%r); retrying",
+                            self.spec.durable, exc)
+            self._lost = True
             return
+        self._lost = False
         self._asked = 0
         await self._ask(force=True)
 

@@ -35,6 +35,7 @@ from actors._actor import Actor, Delivery
 from actors._codec import encode
 from actors._envelope import Envelope
 from actors._mailbox import WorkQueue
+from bus import StreamLimits, stream_configs
 from nerve import NerveError
 
 log = logging.getLogger("nerve.actors.work")
@@ -116,9 +117,14 @@ class StepWorker(Actor[WorkItem]):
 
     def mailbox(self) -> WorkQueue:
         assert self.bus is not None
-        return WorkQueue(stream=self.bus.names.work_stream, subjects=self.work_subjects(),
+        names = self.bus.names
+        # The work stream lives in memory by default: a restarted server has lost it, and
+        # the workers bring it back (the orchestrators re-dispatch what was in it).
+        config = next(c for c in stream_configs(names, StreamLimits())
+                      if c.name == names.work_stream)
+        return WorkQueue(stream=names.work_stream, subjects=self.work_subjects(),
                          durable=self.durable or self.name, ack_wait=self.ack_wait,
-                         max_deliver=self.max_deliver)
+                         max_deliver=self.max_deliver, stream_config=config)
 
     async def execute(self, item: WorkItem, delivery: Delivery) -> Any:
         raise NotImplementedError

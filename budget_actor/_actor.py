@@ -30,7 +30,7 @@ from typing import Any
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsClientError
 
-from actors import Actor, Delivery, Requests, decode, encode, new_id
+from actors import Actor, Delivery, Requests, cancel_and_wait, decode, encode, new_id
 from actors._envelope import H_CONTENT_TYPE, H_ERROR
 from budget_actor._api import (
     BudgetReport,
@@ -134,11 +134,7 @@ class BudgetActor(Actor[BudgetRequest]):
         self._spawn(self._sweep_loop(), "budget:sweeper")
 
     async def on_stop(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(list(self._tasks))
         for sub in self._subs:
             with contextlib.suppress(NatsClientError):
                 await sub.unsubscribe()

@@ -36,7 +36,7 @@ from nats.errors import Error as NatsClientError
 from nats.js.errors import APIError, NoKeysError, NotFoundError
 from pydantic import ValidationError
 
-from actors import encode, new_id
+from actors import cancel_and_wait, encode, new_id
 from budget_actor._events import CostEvent, CostEvents
 from budget_actor._limits import DEFAULT_LIMITS, Limits, Policy
 from budget_actor._notices import KillNotice, ResetNotice
@@ -304,12 +304,7 @@ class Ledger:
 
     async def close(self) -> None:
         """Cancel in-flight commits (their callers get LedgerUnavailable)."""
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(list(self._tasks))
 
     async def __aenter__(self) -> Ledger:
         return self

@@ -18,7 +18,6 @@ its own answer exactly as without batching.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import os
@@ -27,6 +26,7 @@ from dataclasses import dataclass, field
 from nats.errors import Error as NatsClientError
 from nats.js.errors import APIError
 
+from actors import stop_task
 from bus import Bus, StoredAck
 
 log = logging.getLogger("nerve.persistence.commit")
@@ -73,9 +73,7 @@ class GroupCommit:
 
     async def close(self) -> None:
         if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
+            await stop_task(self._flusher)
 
     async def _flush(self) -> None:
         try:

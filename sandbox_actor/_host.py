@@ -26,7 +26,7 @@ from pathlib import Path
 from nats.errors import Error as NatsClientError
 from nats.js.errors import NotFoundError
 
-from actors import encode
+from actors import encode, stop_task
 from bus import Bus, Names
 from nerve import LeaseLostError
 from persistence import SandboxNotice
@@ -143,9 +143,7 @@ class SandboxHost:
         self.state = HostState.STOPPING
         errors: list[BaseException] = []
         if self._watch_task is not None:
-            self._watch_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch_task
+            await stop_task(self._watch_task)
         for task in list(self._starting.values()) + list(self._tasks):
             task.cancel()
         for task in list(self._starting.values()) + list(self._tasks):

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from nats.errors import Error as NatsClientError
 from nats.js.errors import APIError, NotFoundError
 
-from actors import WorkItem, decode
+from actors import WorkItem, cancel_and_wait, decode
 from bus import Bus
 from sandbox_actor._records import Assignments, SandboxAssignment, parse_key
 from sandbox_actor._snapshots import WorkspaceStore
@@ -81,11 +81,7 @@ class Placement:
             with contextlib.suppress(NatsClientError):
                 await self._sub.unsubscribe()
             self._sub = None
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._tasks)
         self._tasks = []
 
     async def run(self) -> None:

@@ -10,11 +10,11 @@ created cold). A background task keeps the pool full.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import os
 
+from actors import stop_task
 from nerve import NerveError
 from sandbox_actor._backend import Sandbox, SandboxBackend
 from sandbox_actor._types import SandboxSpec
@@ -89,9 +89,7 @@ class WarmPool:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_task(self._task)
             self._task = None
         while not self._ready.empty():
             await self.backend.destroy(self._ready.get_nowait())

@@ -22,9 +22,11 @@ from typing import Any
 
 import msgpack
 from nats.errors import Error as NatsClientError
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+from actors import stop_task
 from bus import Bus
 from nerve import ConfigError, LeaseHeldError, LeaseLostError
 
@@ -211,11 +213,10 @@ class Lease:
             return
 
     async def stop_keep_alive(self) -> None:
-        if self._keeper is not None:
-            self._keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._keeper
-            self._keeper = None
+        # stop_task cancels again until the keeper ends: a single cancel can be lost while
+        # a renewal's wait_for completes, and the keeper would renew on for ever.
+        await stop_task(self._keeper)
+        self._keeper = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,18 +259,41 @@ async def lease_entries(bus: Bus, pattern: str) -> dict[str, tuple[bytes, int]]:
     """The live keys matching a subject ``pattern`` (``run.*``) in the leases bucket, with
     their values and revisions, read in one pass.
 
-    (nats-py's ``KeyValue.keys(filters=...)`` matches substrings, not subject wildcards.)
+    Reads through an ephemeral pull consumer (last message per subject) until its pending
+    count reaches zero. nats-py's ``KeyValue.watch`` is not used here: it announces the end
+    of the current values from a consumer-info call that can race the first deliveries, so
+    a snapshot taken with it can come back empty while keys exist (and its
+    ``keys(filters=...)`` matches substrings, not subject wildcards).
     """
-    kv = await bus.kv(bus.names.leases_bucket)
-    watcher = await kv.watch(pattern, ignore_deletes=True)
+    bucket = bus.names.leases_bucket
+    prefix = f"$KV.{bucket}."
+    stream = f"KV_{bucket}"
+    name = bus.nc.new_inbox().rpartition(".")[2]
+    info = await bus.js.add_consumer(stream, ConsumerConfig(
+        name=name, filter_subject=prefix + pattern, mem_storage=True,
+        deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, ack_policy=AckPolicy.NONE,
+        inactive_threshold=30.0))
     found: dict[str, tuple[bytes, int]] = {}
     try:
-        async for entry in watcher:
-            if entry is None:
-                break
-            if entry.operation is None and entry.value is not None:
-                found[entry.key] = (entry.value, entry.revision or 0)
+        # A pull consumer delivers nothing until asked, so the pending count it was created
+        # with is exact, and each message says how many are left after it.
+        pending = info.num_pending or 0
+        if pending:
+            sub = await bus.js.pull_subscribe_bind(consumer=name, stream=stream)
+            try:
+                while pending:
+                    for msg in await sub.fetch(min(pending, 512), timeout=5.0):
+                        meta = msg.metadata
+                        pending = meta.num_pending
+                        headers = msg.headers or {}
+                        if msg.data and not (headers.get("KV-Operation")
+                                             or headers.get("Nats-Marker-Reason")):
+                            found[msg.subject[len(prefix):]] = (msg.data,
+                                                                meta.sequence.stream)
+            finally:
+                with contextlib.suppress(NatsClientError):
+                    await sub.unsubscribe()
     finally:
-        with contextlib.suppress(NatsClientError):
-            await watcher.stop()
+        with contextlib.suppress(NatsClientError, APIError, TimeoutError):
+            await bus.js.delete_consumer(stream, name)
     return found

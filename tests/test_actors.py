@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import ClassVar
 
 import msgpack
 import pytest
+from nats.errors import Error as NatsClientError
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from pydantic import BaseModel
@@ -23,7 +25,16 @@ from actors import (
     decode,
     encode,
 )
-from bus import Bus
+from bus import (
+    Bus,
+    ConnectOptions,
+    EmbeddedNats,
+    EmbeddedNatsConfig,
+    StreamLimits,
+    connect,
+    provision,
+    stream_configs,
+)
 from nerve import CodecError, ConfigError, NerveError
 
 
@@ -49,9 +60,11 @@ class Worker(Actor[Job]):
         self.trace_ids: list[int] = []
 
     def mailbox(self) -> WorkQueue:
+        config = next(c for c in stream_configs(self.names, StreamLimits())
+                      if c.name == self.names.work_stream)
         return WorkQueue(stream=self.names.work_stream, subjects=[self.names.work_activity],
                          durable="worker", ack_wait=self.ack_wait, max_deliver=self.max_deliver,
-                         backoff=(0.05,))
+                         backoff=(0.05,), stream_config=config)
 
     async def handle(self, message: Job, delivery: Delivery) -> None:
         self.deliveries[message.n] = delivery.num_delivered
@@ -235,3 +248,44 @@ async def test_a_message_that_crashes_its_worker_every_time_is_dead_lettered(
     proc.kill()
     await proc.wait()
     await keeper.stop()
+
+
+async def test_a_work_queue_outlives_its_consumer_being_deleted(bus: Bus) -> None:
+    """The standing pull requests die with the consumer; the mailbox notices, re-creates
+    the consumer and carries on with what was published meanwhile."""
+    worker = Worker(bus.names)
+    await worker.start(bus)
+    try:
+        await bus.js.publish(bus.names.work_activity, encode(Job(n=1)))
+        await until(lambda: 1 in worker.done)
+        await bus.js.delete_consumer(bus.names.work_stream, "worker")
+        await bus.js.publish(bus.names.work_activity, encode(Job(n=2)))
+        await until(lambda: 2 in worker.done, timeout=30)
+    finally:
+        await worker.stop()
+
+
+async def test_a_work_queue_carries_on_after_the_server_restarts(tmp_path: Path) -> None:
+    server = EmbeddedNats(EmbeddedNatsConfig(store_dir=tmp_path / "nats"))
+    await server.start()
+    b = await connect(ConnectOptions(servers=[server.url], prefix="rs"))
+    await provision(b)
+    worker = Worker(b.names)
+    await worker.start(b)
+    try:
+        await b.js.publish(b.names.work_activity, encode(Job(n=1)))
+        await until(lambda: 1 in worker.done)
+        await server.stop()
+        await server.start()  # same port: the client reconnects; the server forgot our pulls
+        async with asyncio.timeout(30):
+            while True:  # the work stream is in memory: published once it is back
+                try:
+                    await b.js.publish(b.names.work_activity, encode(Job(n=2)))
+                    break
+                except (NatsClientError, TimeoutError):
+                    await asyncio.sleep(0.2)
+        await until(lambda: 2 in worker.done, timeout=30)
+    finally:
+        await worker.stop()
+        await b.close()
+        await server.stop()

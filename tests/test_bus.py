@@ -8,6 +8,9 @@ import stat
 from pathlib import Path
 
 import pytest
+from nats.errors import BadHeaderError, NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.errors import APIError, NoStreamResponseError
 
 from bus import (
     Bus,
@@ -140,3 +143,36 @@ async def test_closing_after_the_server_is_gone_drops_what_it_could_not_send(tmp
     await b.nc.publish("nerve.events.supervisor", b"stopping")  # buffered: nowhere to go
     await b.close(drain=False)
     assert b.nc.is_closed
+
+
+async def test_reply_inbox_answers_and_fails_like_a_request_would(bus: Bus) -> None:
+    """One inbox for many requests: replies reach the right caller; silence times out;
+    nobody listening fails at once; JetStream's refusals arrive as its error types."""
+    async def echo(msg) -> None:
+        await msg.respond(b"echo:" + msg.data)
+
+    sub = await bus.nc.subscribe("echo.t", cb=echo)
+    replies = await asyncio.gather(*(bus.replies.request("echo.t", str(n).encode())
+                                     for n in range(50)))
+    assert [r.data for r in replies] == [b"echo:%d" % n for n in range(50)]
+    await sub.unsubscribe()
+    with pytest.raises(NoRespondersError):
+        await bus.replies.request("nobody.listens", b"x")
+    silent = await bus.nc.subscribe("silent.t")
+    with pytest.raises(NatsTimeoutError):
+        await bus.replies.request("silent.t", b"x", timeout=0.2)
+    await silent.unsubscribe()
+    with pytest.raises(NoStreamResponseError):
+        await bus.replies.publish_stored("no.stream.here", b"x")
+    subject = bus.names.history("reply-inbox")
+    ack = await bus.replies.publish_stored(subject, b"a", {"Nats-Msg-Id": "ri-1"})
+    assert (await bus.replies.publish_stored(subject, b"a", {"Nats-Msg-Id": "ri-1"})).duplicate
+    with pytest.raises(APIError) as info:
+        await bus.replies.publish_stored(subject, b"b", {
+            "Nats-Expected-Last-Subject-Sequence": str(ack.seq - 1)})
+    assert info.value.err_code == 10071
+
+
+async def test_publishing_refuses_a_header_that_would_break_the_block(bus: Bus) -> None:
+    with pytest.raises(BadHeaderError):
+        await bus.publish("x.y", b"", headers={"Nerve-Run-Id": "a\r\nEvil: 1"})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import os
 import random
 import signal
@@ -19,8 +20,8 @@ from pathlib import Path
 import pytest
 
 import tests.chaos_workflows  # noqa: F401 - registers `chaos` and `count` here too
-from bus import Bus, EmbeddedNats
-from nerve import RunNotFound
+from bus import Bus, ConnectOptions, EmbeddedNats, EmbeddedNatsConfig, connect, provision
+from nerve import NatsServerCrashed, RunNotFound
 from persistence import OwnerChanged, RunHistory, StepCompleted, direct_get_subject
 from persistence._history import H_WRITER
 from workflow import ActivityWorker, NerveClient, Orchestrator, RunRecord, WorkflowRegistry
@@ -208,3 +209,77 @@ async def test_continue_as_new_survives_kills_and_replays_only_its_segment(
     assert continued[-1].next_index == 35
     report = await replay_run(bus, run_id)
     assert report.deterministic, report.describe()
+
+
+async def test_sigkill_with_many_runs_sharing_batches_loses_and_repeats_nothing(
+        bus: Bus, procs: OrchestratorProcs) -> None:
+    """Many runs' appends go out as one atomic batch: a kill while a batch is in flight
+    must leave every run either with the whole record or without it, never half a batch,
+    and the next owner carries every run on without repeating an effect."""
+    client = NerveClient(bus)
+    runs, steps = 16, 40
+    rng = random.Random(20261207)
+    ids = [await client.submit("acme", workflow="chaos", input={"steps": steps, "work": 0.04})
+           for _ in range(runs)]
+    kills = 0
+    for n in range(8):
+        proc = await procs.start(f"orch-{n % 2}")
+        await asyncio.sleep(rng.uniform(0.4, 1.0))
+        if all([await is_done(client, r) for r in ids]):
+            break
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+        kills += 1
+    assert kills >= 3, "the runs finished before the chaos started"
+    await procs.start("orch-final")
+    batched = 0
+    for run_id in ids:
+        await check_run(bus, client, run_id, steps, procs.effects)
+        async for _seq, _data, headers in direct_get_subject(bus, bus.names.runs_stream,
+                                                             bus.names.history(run_id)):
+            batched += headers.get("Nats-Batch-Id") is not None
+    assert batched > 0, "no record was written as part of an atomic batch"
+
+
+async def test_a_sigkilled_nats_server_mid_run_loses_and_repeats_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server dies (SIGKILL) with steps in flight and comes back on the same port with
+    its file streams and without the in-memory work queue: the orchestrator and the worker
+    reconnect, the work stream is re-created, open steps are dispatched again, and every
+    effect still happens exactly once."""
+    effects = tmp_path / "effects.log"
+    effects.touch()
+    monkeypatch.setenv("NERVE_TEST_EFFECTS", str(effects))
+    server = EmbeddedNats(EmbeddedNatsConfig(store_dir=tmp_path / "nats"))
+    await server.start()
+    b = await connect(ConnectOptions(servers=[server.url], prefix="srvkill"))
+    await provision(b)
+    worker, orch = ActivityWorker(), Orchestrator(b, "survivor", host_ttl=2)
+    await worker.start(b)
+    await orch.start()
+    client = NerveClient(b)
+    steps, runs = 30, 4
+    try:
+        ids = [await client.submit("acme", workflow="chaos",
+                                   input={"steps": steps, "work": 0.02}) for _ in range(runs)]
+        async with asyncio.timeout(30):
+            while min([await completed_steps(b, r) for r in ids]) < 5:
+                await asyncio.sleep(0.05)
+        assert server.pid is not None
+        os.kill(server.pid, signal.SIGKILL)
+        with contextlib.suppress(NatsServerCrashed):
+            await server.wait()
+        await server.start()
+        for run_id in ids:
+            summary = await client.wait(run_id, timeout=90)
+            assert summary.status == "completed", summary
+            assert summary.result["total"] == sum(i * i for i in range(steps))
+        done = executions(effects)
+        for run_id in ids:
+            mine = {k: n for k, n in done.items() if k.startswith(run_id + ":")}
+            assert len(mine) == steps and all(n == 1 for n in mine.values()), mine
+    finally:
+        await orch.stop()
+        await worker.stop()
+        await b.close()
+        await server.stop()

@@ -8,7 +8,7 @@ import pytest
 
 from bus import Bus
 from nerve import ConfigError, LeaseLostError
-from supervisor import Lease, watch_leases
+from supervisor import Lease, lease_entries, watch_leases
 
 
 async def test_concurrent_contenders_never_both_win(bus: Bus) -> None:
@@ -76,3 +76,21 @@ async def test_watch_sees_a_lease_expire(bus: Bus) -> None:
 async def test_ttl_below_the_server_minimum_is_refused(bus: Bus) -> None:
     with pytest.raises(ConfigError, match="minimum"):
         Lease(bus, "host.x", holder="x", ttl=0.5)
+
+
+async def test_a_snapshot_of_live_leases_never_misses_one(bus: Bus) -> None:
+    """Every live key comes back, every time, released and expired ones never: the orchestrator
+    decides which runs are orphaned from this snapshot, so a missed host would have a live
+    owner's runs claimed from under it."""
+    held = [Lease(bus, f"host.snap{i}", holder=f"h{i}", ttl=30) for i in range(40)]
+    assert all(await asyncio.gather(*(lease.acquire() for lease in held)))
+    await held[0].release()
+    short = Lease(bus, "host.brief", holder="brief", ttl=1)
+    assert await short.acquire()
+    await asyncio.sleep(1.5)  # its TTL runs out: the server leaves an expiry marker
+    want = {f"host.snap{i}" for i in range(1, 40)}
+    # Many at once, so deliveries and API replies interleave on the connection.
+    for found in await asyncio.gather(*(lease_entries(bus, "host.*") for _ in range(40))):
+        assert set(found) == want
+        assert found["host.snap7"][1] == held[7].revision
+    assert await lease_entries(bus, "nothing.*") == {}

@@ -779,9 +779,12 @@ class RunDriver:
         exc = None if stored.cancelled() else stored.exception()
         if exc is not None and self._open.get(op.command.index) is op and op.attempt == attempt:
             log.warning("run %s: work item for step %s was not stored (%r); dispatching it "
-                        "again", self.run_id, op.command.index, exc)
+                        "again shortly", self.run_id, op.command.index, exc)
             op.dispatched = False
-            self.put(_Redispatch(op.command.index))
+            # Not at once: a work stream that is gone (a restarted server) comes back when
+            # a worker re-creates it.
+            op.timers.append(asyncio.get_running_loop().call_later(
+                0.5, self.put, _Redispatch(op.command.index)))
 
     def _arm(self, op: _Open, when: float, reason: str) -> None:
         loop = asyncio.get_running_loop()

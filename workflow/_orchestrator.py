@@ -306,9 +306,14 @@ class Orchestrator:
         # One sweep at a time: two overlapping sweeps would both see a run we just claimed
         # as "ours" and claim it again from ourselves.
         async with self._claim_lock:
+            # Runs first, hosts second: an owner writes its host key before it claims
+            # anything, so an owner named in a run record we read is in the host list read
+            # after it unless it is really gone. The other order can see a peer's fresh
+            # claim but not its fresh host key, and claim the run back from a live owner.
+            runs = await lease_entries(self.bus, "run.*")
             hosts = {key.partition(".")[2]
                      for key in await lease_entries(self.bus, "host.*")}
-            for key, (value, revision) in (await lease_entries(self.bus, "run.*")).items():
+            for key, (value, revision) in runs.items():
                 run_id = key.partition(".")[2]
                 if run_id in self.drivers or run_id in self._parked:
                     continue
