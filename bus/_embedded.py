@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import enum
 import json
 import logging
@@ -27,6 +28,16 @@ from nerve import (
 )
 
 log = logging.getLogger("nerve.bus.embedded")
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _stop_with_parent() -> None:  # runs in the child between fork and exec
+    # An embedded server belongs to its process: if that one is SIGKILLed, the kernel
+    # sends the server SIGTERM (a clean shutdown) instead of leaving it holding the port
+    # and the store for the next start to trip over.
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 _BINARY = "nats-server"
 
@@ -83,6 +94,7 @@ class EmbeddedNatsConfig:
     server_name: str = "nerve"
     extra_config: dict[str, str] = field(default_factory=dict)
     ready_timeout: float = 15.0
+    stop_with_parent: bool = True  # Linux: the server stops when the process that started it dies
 
 
 class EmbeddedNats:
@@ -175,6 +187,8 @@ class EmbeddedNats:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
+            preexec_fn=(_stop_with_parent if self.config.stop_with_parent
+                        and sys.platform.startswith("linux") else None),
         )
         loop = asyncio.get_running_loop()
         self._exit = loop.create_future()

@@ -144,3 +144,31 @@ async def test_a_sigkilled_role_comes_back_and_ctrl_c_stops_everything(
     everyone = [r["pid"] for r in after.values()] + [nats_pid]
     assert not any(alive(pid) for pid in everyone)
     assert not (data / "nerve.json").exists()
+
+
+async def test_a_sigkilled_nerve_up_takes_its_server_and_roles_with_it(
+        up: tuple[Path, asyncio.subprocess.Process, int]) -> None:
+    """No Ctrl-C, no cleanup code: the kernel stops the embedded server (SIGTERM, a clean
+    shutdown) and the role processes, so the port and the store are free for the next
+    `nerve up` on the same data dir."""
+    data, proc, port = up
+    info = state(data)
+    everyone = [r["pid"] for r in info["roles"].values()] + [info["nats_pid"]]
+    assert all(alive(pid) for pid in everyone)
+    proc.kill()
+    await proc.wait()
+    async with asyncio.timeout(20):
+        while any(alive(pid) for pid in everyone):
+            await asyncio.sleep(0.1)
+    again = await asyncio.create_subprocess_exec(
+        *NERVE, "up", "--data-dir", str(data), "--nats-port", str(port),
+        "--roles", "orchestrator,activity", stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL)
+    try:
+        async with asyncio.timeout(60):
+            while not (data / "nerve.json").exists() or state(data)["nats_pid"] in everyone:
+                assert again.returncode is None, "nerve up did not start again"
+                await asyncio.sleep(0.1)
+    finally:
+        again.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(again.wait(), 60) == 0
