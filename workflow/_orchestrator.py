@@ -189,8 +189,8 @@ class Orchestrator:
         try:
             info = await self.bus.js.stream_info(stream)
         except (NatsClientError, TimeoutError) as exc:
-            log.warning("orchestrator %s: cannot read the runs stream's config (%r); storing "
-                        "appends one by one", self.owner_id, exc)
+            log.warning("orchestrator %s: cannot read the config of stream %s (%r); storing "
+                        "writes to it one by one", self.owner_id, stream, exc)
             return False
         if not info.config.allow_atomic:
             log.warning("orchestrator %s: stream %s does not allow atomic batches (nats-server "
