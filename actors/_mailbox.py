@@ -174,6 +174,7 @@ class PullMailbox:
         self._heard = 0.0  # when the server last sent us anything
         self._reconnects = 0
         self._lost = False  # the last recovery failed
+        self._recreate: StreamConfig | None = None  # the stream's config as we found it
         self._inbox = ""
         self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{spec.stream}.{spec.durable}"
         self._sub: Any = None
@@ -201,11 +202,15 @@ class PullMailbox:
             if s.stream_config is None:
                 raise
             log.warning("stream %s is gone; re-creating it", s.stream)
-            await self.bus.js.add_stream(s.stream_config)
+            await self.bus.js.add_stream(self._recreate or s.stream_config)
             await self.bus.js.add_consumer(s.stream, self.consumer_config())
 
     async def open(self) -> None:
         await self._ensure_consumer()
+        if self.spec.stream_config is not None:
+            # Re-create the stream as it was provisioned (an operator's limits), not as
+            # this process's defaults would have it.
+            self._recreate = (await self.bus.js.stream_info(self.spec.stream)).config
         self._inbox = self.bus.nc.new_inbox()
         self._sub = await self.bus.nc.subscribe(self._inbox, cb=self._on_msg)
         self._reconnects = self.bus.nc.stats["reconnects"]

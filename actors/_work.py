@@ -119,7 +119,8 @@ class StepWorker(Actor[WorkItem]):
         assert self.bus is not None
         names = self.bus.names
         # The work stream lives in memory by default: a restarted server has lost it, and
-        # the workers bring it back (the orchestrators re-dispatch what was in it).
+        # the workers bring it back (the orchestrators re-dispatch what was in it). The
+        # mailbox re-creates it as it found it; this config is for a stream never seen.
         config = next(c for c in stream_configs(names, StreamLimits())
                       if c.name == names.work_stream)
         return WorkQueue(stream=names.work_stream, subjects=self.work_subjects(),

@@ -269,7 +269,7 @@ async def test_a_work_queue_carries_on_after_the_server_restarts(tmp_path: Path)
     server = EmbeddedNats(EmbeddedNatsConfig(store_dir=tmp_path / "nats"))
     await server.start()
     b = await connect(ConnectOptions(servers=[server.url], prefix="rs"))
-    await provision(b)
+    await provision(b, StreamLimits(duplicate_window=33.0))  # an operator's own limits
     worker = Worker(b.names)
     await worker.start(b)
     try:
@@ -285,6 +285,9 @@ async def test_a_work_queue_carries_on_after_the_server_restarts(tmp_path: Path)
                 except (NatsClientError, TimeoutError):
                     await asyncio.sleep(0.2)
         await until(lambda: 2 in worker.done, timeout=30)
+        # Re-created as it was provisioned, not with the worker's defaults.
+        info = await b.js.stream_info(b.names.work_stream)
+        assert info.config.duplicate_window == 33.0
     finally:
         await worker.stop()
         await b.close()

@@ -74,6 +74,23 @@ async def is_done(client: NerveClient, run_id: str) -> bool:
         return False
 
 
+async def kill_while_running(procs: OrchestratorProcs, client: NerveClient, ids: list[str],
+                             rng: random.Random, tries: int, lives: tuple[float, float],
+                             names: int) -> int:
+    """Start an orchestrator, let it live a random while, SIGKILL it; again, until the runs
+    are done or ``tries`` are used. Returns how many were killed."""
+    kills = 0
+    for n in range(tries):
+        proc = await procs.start(f"orch-{n % names}")
+        await asyncio.sleep(rng.uniform(*lives))
+        if all([await is_done(client, r) for r in ids]):
+            break
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+        kills += 1
+    return kills
+
+
 def executions(effects: Path) -> collections.Counter[str]:
     return collections.Counter(line.split()[0] for line in effects.read_text().splitlines())
 
@@ -129,15 +146,7 @@ async def test_sigkill_at_random_points_many_times(bus: Bus, procs: Orchestrator
     steps = 60  # ~50 ms of work each: about 3 s of steps, cut by a kill every 0.3-1.2 s
     rng = random.Random(20261124)
     run_id = await client.submit("acme", workflow="chaos", input={"steps": steps, "work": 0.05})
-    kills = 0
-    for n in range(12):
-        proc = await procs.start(f"orch-{n % 3}")
-        await asyncio.sleep(rng.uniform(0.3, 1.2))
-        if await is_done(client, run_id):
-            break
-        proc.send_signal(signal.SIGKILL)
-        await proc.wait()
-        kills += 1
+    kills = await kill_while_running(procs, client, [run_id], rng, 12, (0.3, 1.2), names=3)
     assert kills >= 3, "the run finished before the chaos started"
     await procs.start("orch-final")
     await check_run(bus, client, run_id, steps, procs.effects)
@@ -221,15 +230,7 @@ async def test_sigkill_with_many_runs_sharing_batches_loses_and_repeats_nothing(
     rng = random.Random(20261207)
     ids = [await client.submit("acme", workflow="chaos", input={"steps": steps, "work": 0.04})
            for _ in range(runs)]
-    kills = 0
-    for n in range(8):
-        proc = await procs.start(f"orch-{n % 2}")
-        await asyncio.sleep(rng.uniform(0.4, 1.0))
-        if all([await is_done(client, r) for r in ids]):
-            break
-        proc.send_signal(signal.SIGKILL)
-        await proc.wait()
-        kills += 1
+    kills = await kill_while_running(procs, client, ids, rng, 8, (0.4, 1.0), names=2)
     assert kills >= 3, "the runs finished before the chaos started"
     await procs.start("orch-final")
     batched = 0
