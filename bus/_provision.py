@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -9,6 +10,7 @@ from nats.js.api import (
     DiscardPolicy,
     KeyValueConfig,
     ObjectStoreConfig,
+    PersistMode,
     RetentionPolicy,
     StorageType,
     StreamConfig,
@@ -30,6 +32,13 @@ class StreamLimits:
     ``work_storage`` is memory by default: a work item is regenerated from the run history
     on takeover (and after a server restart), so it need not cost an fsync on every step's
     critical path. Set it to ``file`` to keep queued work across server restarts anyway.
+
+    ``live_persist`` is how ``NERVE_STREAM`` (live tokens and progress) is written. ``async``
+    acks an event before it is on disk: with ``sync_interval: always`` every other stream
+    pays an fsync per message, and a model streaming tokens would pay one per token. A
+    crash of nats-server can lose its last few milliseconds of live output; the run history
+    holds everything that matters. ``default`` fsyncs live output like the rest. The server
+    fixes the mode when it creates the stream and takes ``async`` only on one replica.
     """
 
     stream_max_age: float = 7 * _DAY
@@ -38,6 +47,7 @@ class StreamLimits:
     duplicate_window: float = 120.0
     max_msg_size: int = 8 * 1024 * 1024
     work_storage: StorageType = StorageType.MEMORY
+    live_persist: PersistMode = PersistMode.ASYNC
     replicas: int = 1
 
 
@@ -65,7 +75,9 @@ def stream_configs(names, limits: StreamLimits) -> list[StreamConfig]:
         StreamConfig(
             name=names.stream_stream, subjects=[f"{p}.stream.*"],
             retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
-            max_age=limits.stream_max_age, allow_direct=True, **common,
+            max_age=limits.stream_max_age, allow_direct=True,
+            persist_mode=limits.live_persist if limits.replicas == 1 and
+            limits.live_persist is PersistMode.ASYNC else None, **common,
         ),
         StreamConfig(
             name=names.dead_stream, subjects=[f"{p}.deadletter.>"],
@@ -107,6 +119,8 @@ async def _ensure_stream(bus: Bus, config: StreamConfig) -> None:
                 ) from None
         info = await bus.js.stream_info(config.name)
     if _differs(info.config, config):
+        # The server refuses to change a stream's persist mode: keep the one it has.
+        config = dataclasses.replace(config, persist_mode=info.config.persist_mode)
         try:
             await bus.js.update_stream(config)
             log.info("updated stream %s", config.name)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from nats.errors import BadHeaderError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.api import PersistMode
 from nats.js.errors import APIError, NoStreamResponseError
 
 from bus import (
@@ -19,6 +20,7 @@ from bus import (
     EmbeddedNatsConfig,
     Names,
     ServerState,
+    StreamLimits,
     connect,
     provision,
 )
@@ -113,6 +115,29 @@ async def test_provisioning_is_idempotent_and_concurrent(bus: Bus) -> None:
     await bus.js.key_value(names.leases_bucket)
     await bus.js.key_value(names.budgets_bucket)
     await bus.js.object_store(names.snapshots_bucket)
+
+
+async def test_only_live_output_is_acked_before_it_is_on_disk(nats_server: EmbeddedNats,
+                                                              bus: Bus) -> None:
+    names = bus.names
+    live = await bus.js.stream_info(names.stream_stream)
+    assert live.config.persist_mode == PersistMode.ASYNC
+    for stream in (names.tasks_stream, names.runs_stream, names.dead_stream,
+                   names.events_stream, f"KV_{names.leases_bucket}"):
+        info = await bus.js.stream_info(stream)
+        assert info.config.persist_mode in (None, PersistMode.DEFAULT), stream
+
+    # A deployment made before keeps its fsync'd live stream (the server cannot change a
+    # stream's persist mode), and other changes to that stream still apply.
+    old = await connect(ConnectOptions(servers=[nats_server.url], prefix="oldlive"))
+    try:
+        await provision(old, StreamLimits(live_persist=PersistMode.DEFAULT))
+        await provision(old, StreamLimits(stream_max_age=3600.0))
+        info = await old.js.stream_info(old.names.stream_stream)
+        assert info.config.persist_mode in (None, PersistMode.DEFAULT)
+        assert info.config.max_age == 3600.0
+    finally:
+        await old.close()
 
 
 def test_names_carry_the_prefix_and_refuse_unsafe_tokens() -> None:
