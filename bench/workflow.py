@@ -1,7 +1,8 @@
 """Workflow engine benchmark.
 
 Per-step durable overhead (N no-op activities in a workflow vs calling them directly), run
-start latency, throughput with 100 concurrent 10-step runs and with 1,000 concurrent runs,
+start latency, throughput with 100 concurrent 10-step runs and with 1,000 concurrent runs
+(and with 10 concurrent 20-step runs, where few appends share a group commit),
 takeover time after SIGKILL of the orchestrator, replay time of a 10,000-event history.
 The bare fenced, fsync'd append and a core NATS round trip to another process are measured in
 the same run as the floors a step stands on.
@@ -24,13 +25,14 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import bench._workflow_defs as defs
-from actors import run
+from actors import decode, new_id, run
 from bench._common import embedded_bus, parse_args, pct, report
-from persistence import RunHistory, RunStarted, StepScheduled
+from persistence import GroupCommit, RunHistory, RunStarted, StepScheduled, StreamEvent
 from workflow import ActivityContext, NerveClient, Orchestrator, replay_run
 
 
@@ -52,6 +54,29 @@ async def bare_append(bus, n: int) -> float:
         await h.append(ev)
         lat.append(time.perf_counter() - t0)
     return pct(lat, 50) * 1000
+
+
+async def batch_costs(bus, sizes: tuple[int, ...], repeats: int) -> dict[str, float]:
+    """p50 time to store ``n`` runs' appends at once, as one atomic batch and one by one
+    (pipelined): where ``GroupCommit.ATOMIC_FROM`` comes from."""
+    figures = {}
+    for n in sizes:
+        for mode, commit in (("atomic_batch", GroupCommit(bus, atomic_from=2)),
+                             ("one_by_one", GroupCommit(bus, atomic=False))):
+            writers = [RunHistory(bus, f"batch-{mode}-{n}-{i}", commit=commit)
+                       for i in range(n)]
+            await asyncio.gather(*(w.create(RunStarted(run_id=w.run_id, tenant="b",
+                                                       workflow="w", version="1"))
+                                   for w in writers))
+            lat = []
+            for r in range(repeats):
+                ev = StepScheduled(index=r, kind="activity", name="noop", args_digest="d" * 24)
+                t0 = time.perf_counter()
+                await asyncio.gather(*(w.append(ev) for w in writers))
+                lat.append(time.perf_counter() - t0)
+            await commit.close()
+            figures[f"append_{n}_runs_{mode}_p50_ms"] = round(pct(lat, 50) * 1000, 2)
+    return figures
 
 
 _ECHO = """
@@ -127,19 +152,18 @@ async def start_latency(client: NerveClient, n: int) -> dict[str, float]:
             "run_1_step_complete_p50_ms": round(pct(done, 50) * 1000, 2)}
 
 
+_ENDED = ("completed", "failed", "cancelled")
+
+
 async def throughput(client: NerveClient, runs: int, steps: int, tag: str,
                      rounds: int = 1) -> dict[str, float]:
     """``runs`` runs started at once, until all are done; the median of ``rounds`` rounds
     (this shared machine's speed changes from one second to the next)."""
     rates, errors = [], 0
     for _ in range(rounds):
-        t0 = time.perf_counter()
-        ids = await asyncio.gather(*(client.submit("bench", workflow="bench_steps",
-                                                   input={"steps": steps}) for _ in range(runs)))
-        results = await asyncio.gather(*(client.wait(r, timeout=600) for r in ids),
-                                       return_exceptions=True)
-        rates.append(runs / (time.perf_counter() - t0))
-        errors += sum(isinstance(r, BaseException) or r.status != "completed" for r in results)
+        rate, failed = await _concurrent_round(client, runs, steps)
+        rates.append(rate)
+        errors += failed
     rate = statistics.median(rates)
     figures = {f"{tag}_workflows_per_s": round(rate, 1),
                f"{tag}_steps_per_s": round(rate * steps),
@@ -147,6 +171,45 @@ async def throughput(client: NerveClient, runs: int, steps: int, tag: str,
     if rounds > 1:
         figures[f"{tag}_workflows_per_s_rounds"] = [round(r) for r in rates]
     return figures
+
+
+async def _concurrent_round(client: NerveClient, runs: int, steps: int) -> tuple[float, int]:
+    """Runs per second, and how many did not complete with the right result.
+
+    The clock stops when the last run's final status arrives on its live stream, as in a UI
+    following the runs; the orchestrator publishes it once the run's end is in the history.
+    Each history is read after the clock stops, to check its run completed with the right
+    result: reading 100 histories while the runs go on would charge the engine for this
+    client's work on the same two cores.
+    """
+    bus = client.bus
+    ids = [new_id("r") for _ in range(runs)]
+    pending = set(ids)
+    all_ended = asyncio.Event()
+
+    async def on_status(msg: Any) -> None:
+        event = decode(msg.data, StreamEvent)
+        if event.type == "status" and event.data.get("status") in _ENDED:
+            pending.discard(event.run_id)
+            if not pending:
+                all_ended.set()
+
+    sub = await bus.nc.subscribe(bus.names.stream("*"), cb=on_status)
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client.submit("bench", workflow="bench_steps", run_id=run_id,
+                                         input={"steps": steps}) for run_id in ids))
+    errors = 0
+    try:
+        await asyncio.wait_for(all_ended.wait(), 600)
+    except TimeoutError:
+        errors += len(pending)
+    rate = runs / (time.perf_counter() - t0)
+    await sub.unsubscribe()
+    summaries = await asyncio.gather(*(client.wait(r, timeout=60) for r in ids),
+                                     return_exceptions=True)
+    errors += sum(isinstance(s, BaseException) or s.status != "completed"
+                  or s.result != sum(range(steps)) for s in summaries)
+    return rate, errors
 
 
 async def takeover(bus, url: str, prefix: str, trials: int) -> dict[str, float]:
@@ -211,6 +274,7 @@ async def main() -> None:
         figures["bare_fenced_append_p50_ms"] = round(await bare_append(bus, 200 if q else 1000), 3)
         figures["core_round_trip_to_another_process_p50_ms"] = round(
             await echo_round_trip(bus, server.url, 500 if q else 2000), 3)
+        figures |= await batch_costs(bus, (4, 16, 64), 20 if q else 60)
         worker = await spawn("activity", "bench-acts", server.url, "wfb")
         # The engine alone: runs start without a budget check (bench/budget.py measures that).
         orch = await spawn("orchestrator", "bench-orch", server.url, "wfb", "--set", "budget=0")
@@ -221,6 +285,7 @@ async def main() -> None:
             figures |= await step_overhead(client, 100 if q else 500, 2 if q else 3,
                                            "bench_local_steps", "_local_activity")
             figures |= await start_latency(client, 10 if q else 30)
+            figures |= await throughput(client, 10, 20, "c10x20", 3)
             figures |= await throughput(client, 100, 10, "c100x10", 1 if q else 5)
             figures |= await throughput(client, 300 if q else 1000, 2, "c1000", 1 if q else 3)
             figures |= await replay_time(client, bus, 1000 if q else 5000)

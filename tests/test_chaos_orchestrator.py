@@ -35,13 +35,15 @@ class OrchestratorProcs:
     def __init__(self, server: EmbeddedNats, prefix: str, effects: Path) -> None:
         self.server, self.prefix, self.effects = server, prefix, effects
         self.procs: list[asyncio.subprocess.Process] = []
+        self.settings = ["host_ttl=1"]  # --set for every process started from now on
 
     async def start(self, ident: str, crash_at: str = "") -> asyncio.subprocess.Process:
         env = dict(os.environ, NERVE_CRASH_AT=crash_at, NERVE_TEST_EFFECTS=str(self.effects))
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "cli", "worker", "--role", "orchestrator", "--id", ident,
             "--nats-url", self.server.url, "--prefix", self.prefix,
-            "--workflows", "tests.chaos_workflows", "--set", "host_ttl=1",
+            "--workflows", "tests.chaos_workflows",
+            *(arg for pair in self.settings for arg in ("--set", pair)),
             env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
         self.procs.append(proc)
         return proc
@@ -227,6 +229,7 @@ async def test_sigkill_with_many_runs_sharing_batches_loses_and_repeats_nothing(
     and the next owner carries every run on without repeating an effect."""
     client = NerveClient(bus)
     runs, steps = 16, 40
+    procs.settings.append("atomic_batch_from=2")  # 16 runs rarely have 16 appends queued
     rng = random.Random(20261207)
     ids = [await client.submit("acme", workflow="chaos", input={"steps": steps, "work": 0.04})
            for _ in range(runs)]

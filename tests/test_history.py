@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from bus import Bus
-from nerve import RunNotFound, StaleWriterError
+from nerve import ConfigError, RunNotFound, StaleWriterError
 from persistence import (
     GroupCommit,
     MarkerRecorded,
@@ -136,7 +136,7 @@ async def test_group_commit_stores_many_runs_in_one_batch_with_their_own_sequenc
 async def test_group_commit_fails_only_the_stale_writer_in_a_batch(bus: Bus) -> None:
     """A batch is all or nothing: one stale writer's fence must not cost the others their
     appends, nor let the stale one through."""
-    commit = GroupCommit(bus)
+    commit = GroupCommit(bus, atomic_from=2)
     owner = RunHistory(bus, "gc-stale")
     await owner.create(started("gc-stale"))
     stale = RunHistory(bus, "gc-stale", commit=commit)
@@ -160,7 +160,7 @@ async def test_group_commit_fails_only_the_stale_writer_in_a_batch(bus: Bus) -> 
 async def test_group_commit_retry_of_a_stored_append_is_stored_once(bus: Bus) -> None:
     """A retried append (its first ack lost) inside a batch: the duplicate fails the batch,
     the fallback finds the record already there, and nothing is stored twice."""
-    commit = GroupCommit(bus)
+    commit = GroupCommit(bus, atomic_from=2)
     h = RunHistory(bus, "gc-retry", commit=commit)
     await h.create(started("gc-retry"))
     before_seq, before_len = h.last_seq, h.length
@@ -177,12 +177,21 @@ async def test_group_commit_retry_of_a_stored_append_is_stored_once(bus: Bus) ->
     await commit.close()
 
 
-async def test_without_atomic_batches_appends_are_stored_one_by_one(bus: Bus) -> None:
-    commit = GroupCommit(bus, atomic=False)
-    writers = [RunHistory(bus, f"gc-plain-{n}", commit=commit) for n in range(10)]
+@pytest.mark.parametrize("atomic", [False, True])
+async def test_without_atomic_batches_or_below_atomic_from_appends_are_stored_one_by_one(
+        bus: Bus, atomic: bool) -> None:
+    """No atomic batches on this stream, or too few appends queued for one to pay off (a
+    batch costs nats-server a staging store of its own): each append is stored alone."""
+    commit = GroupCommit(bus, atomic=atomic, atomic_from=11)
+    writers = [RunHistory(bus, f"gc-plain-{atomic}-{n}", commit=commit) for n in range(10)]
     await asyncio.gather(*(w.create(started(w.run_id)) for w in writers))
     await asyncio.gather(*(w.append(step(0)) for w in writers))
-    assert commit.batches == 0
+    assert commit.appends == 0 and commit.batches == 0
     for w in writers:
         assert len(await RunHistory(bus, w.run_id).read()) == 2
     await commit.close()
+
+
+async def test_a_batch_of_one_is_refused_as_a_setting(bus: Bus) -> None:
+    with pytest.raises(ConfigError, match="at least 2"):
+        GroupCommit(bus, atomic_from=1)

@@ -118,7 +118,8 @@ class Orchestrator:
                  host_ttl: float = 2.0, policies: dict[str, RetryPolicy] | None = None,
                  sandbox_meta: dict[str, Any] | None = None, spawn_guard: Any = None,
                  accept_tasks: bool = True, kill_switch: bool = True,
-                 activities: ActivityRegistry | None = None) -> None:
+                 activities: ActivityRegistry | None = None,
+                 atomic_batch_from: int = GroupCommit.ATOMIC_FROM) -> None:
         check_token("orchestrator id", owner_id)
         self.bus = bus
         self.owner_id = owner_id
@@ -144,8 +145,8 @@ class Orchestrator:
         self._subs: list[Any] = []
         # Every run this orchestrator writes shares its fsyncs (see GroupCommit): one group
         # for the histories, one for the run records.
-        self.group_commit = GroupCommit(bus, atomic=False)
-        self._records = GroupCommit(bus, atomic=False)
+        self.group_commit = GroupCommit(bus, atomic=False, atomic_from=atomic_batch_from)
+        self._records = GroupCommit(bus, atomic=False, atomic_from=atomic_batch_from)
         self.ready = asyncio.Event()
 
     # -- lifecycle ------------------------------------------------------------------------------
