@@ -54,6 +54,7 @@ class StreamLimits:
 def stream_configs(names, limits: StreamLimits) -> list[StreamConfig]:
     p = names.prefix
     common = dict(num_replicas=limits.replicas, max_msg_size=limits.max_msg_size)
+    live_persist = limits.live_persist if limits.replicas == 1 else None
     return [
         StreamConfig(
             name=names.tasks_stream, subjects=[f"{p}.tasks.*"],
@@ -75,9 +76,8 @@ def stream_configs(names, limits: StreamLimits) -> list[StreamConfig]:
         StreamConfig(
             name=names.stream_stream, subjects=[f"{p}.stream.*"],
             retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
-            max_age=limits.stream_max_age, allow_direct=True,
-            persist_mode=limits.live_persist if limits.replicas == 1 and
-            limits.live_persist is PersistMode.ASYNC else None, **common,
+            max_age=limits.stream_max_age, allow_direct=True, persist_mode=live_persist,
+            **common,
         ),
         StreamConfig(
             name=names.dead_stream, subjects=[f"{p}.deadletter.>"],
