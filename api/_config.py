@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from nerve._errors import ConfigError
+from nerve._settings import read_setting
 
 
 @dataclass(slots=True)
@@ -50,21 +51,10 @@ class ApiConfig:
             if key not in cls.__dataclass_fields__ or key == "admin_keys":
                 known = ", ".join(k for k in cls.__dataclass_fields__ if k != "admin_keys")
                 raise ConfigError(f"unknown API setting {key!r}; known: {known}")
-            current = getattr(config, key)
-            try:
-                if isinstance(current, bool):
-                    value: Any = str(raw).lower() in ("1", "true", "yes", "on")
-                elif isinstance(current, int):
-                    value = int(raw)
-                elif isinstance(current, float):
-                    value = float(raw)
-                elif key == "db_path":
-                    value = Path(raw) if raw else None
-                else:
-                    value = str(raw)
-            except ValueError:
-                raise ConfigError(f"API setting {key}={raw!r} is not a valid "
-                                  f"{type(current).__name__}") from None
+            if key == "db_path":
+                value: Any = Path(raw) if raw else None
+            else:
+                value = read_setting("API", key, raw, getattr(config, key))
             setattr(config, key, value)
         if not 0 < config.heartbeat <= 14:
             raise ConfigError("API setting heartbeat must be between 0 and 14 seconds (SSE "

@@ -11,16 +11,14 @@ from typing import Any
 
 from budget_actor._actor import BudgetActor
 from bus import Bus
+from nerve import read_settings
 
-
-def _flag(value: Any) -> bool:
-    return str(value).strip().lower() not in ("0", "false", "no", "off")
+BUDGET_SETTINGS: dict[str, Any] = {"sweep_interval": 1.0, "breaker": True, "lease_ttl": 5.0}
 
 
 async def run_budget(bus: Bus, opts: Any) -> None:
-    settings = opts.settings
-    actor = BudgetActor(instance_id=opts.id,
-                        sweep_interval=float(settings.get("sweep_interval", 1.0)),
-                        breaker=_flag(settings.get("breaker", True)),
-                        lease_ttl=float(settings.get("lease_ttl", 5.0)))
+    """A :class:`BudgetActor` until cancelled (settings: ``BUDGET_SETTINGS``)."""
+    settings = read_settings("budget", opts.settings, BUDGET_SETTINGS)
+    actor = BudgetActor(instance_id=opts.id, sweep_interval=settings["sweep_interval"],
+                        breaker=settings["breaker"], lease_ttl=settings["lease_ttl"])
     await actor.run(bus, ready=opts.ready)

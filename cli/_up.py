@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -22,11 +23,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from nats.errors import Error as NatsClientError
+
 from actors import ask, run
 from bus import Bus, ConnectOptions, EmbeddedNats, EmbeddedNatsConfig, connect, provision
 from cli._roles import DEFAULT_UP_ROLES, ROLES
 from cli._target import STATE_FILE, default_data_dir
-from nerve import BusError, ConfigError, NerveError
+from cli._worker import EX_CONFIG
+from nerve import BusError, ConfigError, NerveError, ProcessExited
 from supervisor import (
     ChildSpec,
     OsProcess,
@@ -78,6 +82,12 @@ class Cluster:
         if unknown:
             raise ConfigError(f"unknown role(s) {', '.join(unknown)}; known: "
                               f"{', '.join(sorted(ROLES))}")
+        for pair in args.set:
+            scope, dot, rest = pair.partition(".")
+            if not dot or "=" not in rest or scope not in self.roles:
+                raise ConfigError(
+                    f"--set {pair!r}: wants ROLE.KEY=VALUE, ROLE one of the roles this starts "
+                    f"({', '.join(self.roles)})")
         self.server: EmbeddedNats | None = None
         self.nats_url: str = args.nats_url or ""
         self.procs: dict[str, OsProcess] = {}
@@ -99,7 +109,7 @@ class Cluster:
             out += ["--set", f"host={self.args.http_host}", "--set", f"port={self.http_port}"]
         for pair in self.args.set:
             scope, _, rest = pair.partition(".")
-            if scope == role and rest:
+            if scope == role:
                 out += ["--set", rest]
         return out
 
@@ -140,7 +150,8 @@ class Cluster:
                 proc = OsProcess(role, argv, env=env, log_file=logs / f"{role}.log",
                                  term_timeout=10)
                 self.procs[role] = proc
-                children.append(ChildSpec(role, proc.run, shutdown=15))
+                children.append(ChildSpec(role, functools.partial(self._run_role, role, proc),
+                                          shutdown=15))
             self.supervisor = Supervisor("nerve-up", children, strategy=Strategy.ONE_FOR_ONE,
                                          intensity=10, period=30,
                                          on_event=[self._on_supervisor_event,
@@ -151,6 +162,17 @@ class Cluster:
         except BaseException:
             await bus.close(drain=False)
             raise
+
+    async def _run_role(self, role: str, proc: OsProcess) -> None:
+        try:
+            await proc.run()
+        except ProcessExited as exc:
+            if exc.fields.get("code") != EX_CONFIG:
+                raise
+            assert proc.log_file is not None
+            why = await asyncio.to_thread(_last_error, proc.log_file)
+            raise ConfigError(f"{why or f'the {role} role refused its configuration'} "
+                              f"(see {proc.log_file})") from None
 
     async def _hold_bus(self) -> None:
         """The supervisor's own connection, as a child of the tree: open until stopped."""
@@ -165,10 +187,10 @@ class Cluster:
         pending = set(self.roles)
         while pending:
             assert self._tree is not None
-            if self._tree.done():
-                self._tree.result()  # raises the escalation
             for role in list(pending):
-                with contextlib.suppress(BusError, NerveError):
+                if self._tree.done():
+                    self._tree.result()  # raises the escalation (it has closed the bus)
+                with contextlib.suppress(BusError, NerveError, NatsClientError):
                     await ask(bus, bus.names.ctl(f"role.{self.role_id(role)}.ping"), {},
                               timeout=0.5)
                     pending.discard(role)
@@ -181,8 +203,8 @@ class Cluster:
     async def _on_supervisor_event(self, event: SupervisorEvent) -> None:
         if event.kind in ("started", "restarting") and self.procs:
             self._rewrite_soon()
-        if event.kind == "crashed" and self.narrate:
-            print(f"nerve: {event.child} crashed ({event.reason}); restarting", flush=True)
+        if event.kind == "restarting" and self.narrate:
+            print(f"nerve: restarting {event.child} ({event.reason})", flush=True)
 
     def _rewrite_soon(self) -> None:
         async def rewrite() -> None:
@@ -230,6 +252,15 @@ class Cluster:
         if self.server is not None:
             await self.server.stop()
         (self.data_dir / STATE_FILE).unlink(missing_ok=True)
+
+
+def _last_error(log_file: Path) -> str | None:
+    """The last ``nerve: error:`` line a role process wrote to its log."""
+    with open(log_file, "rb") as f:
+        f.seek(max(0, f.seek(0, os.SEEK_END) - 16384))
+        lines = f.read().decode(errors="replace").splitlines()
+    marker = "nerve: error: "
+    return next((line.partition(marker)[2] for line in reversed(lines) if marker in line), None)
 
 
 def _free_port(host: str) -> int:

@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import time
 from typing import Any
 
@@ -33,7 +34,20 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a role setting (repeatable)")
     add_target_args(p)
-    p.set_defaults(func=lambda args: run(worker_main(args)))
+    p.set_defaults(func=_worker_command)
+
+
+# sysexits.h's EX_CONFIG: `nerve up` does not restart a role that exits with it, since the
+# same configuration would fail the same way again.
+EX_CONFIG = 78
+
+
+def _worker_command(args: argparse.Namespace) -> int:
+    try:
+        return run(worker_main(args))
+    except ConfigError as exc:
+        print(f"nerve: error: {exc.message}", file=sys.stderr, flush=True)
+        return EX_CONFIG
 
 
 def import_workflow_modules(modules: list[str]) -> None:
@@ -114,4 +128,4 @@ async def worker_main(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["RoleStatus", "import_workflow_modules", "register", "worker_main"]
+__all__ = ["EX_CONFIG", "RoleStatus", "import_workflow_modules", "register", "worker_main"]

@@ -15,19 +15,24 @@ from budget_actor import PRICES, Ledger
 from bus import Bus
 from gateway_actor._actor import GatewayActor
 from gateway_actor._config import GatewayConfig
+from nerve import ConfigError, read_settings
+
+GATEWAY_SETTINGS: dict[str, Any] = {"instances": 1, "budget": True}
 
 
 async def run_gateway(bus: Bus, opts: Any) -> None:
     """Serve ``nerve.work.llm`` until cancelled (``opts``: ``id``, ``settings``)."""
-    settings = dict(getattr(opts, "settings", {}) or {})
+    settings = read_settings("gateway", getattr(opts, "settings", None) or {},
+                             GATEWAY_SETTINGS)
+    if settings["instances"] < 1:
+        raise ConfigError(f"gateway setting instances={settings['instances']} must be at "
+                          f"least 1", setting="instances")
     config = GatewayConfig.from_env()
     ident = str(getattr(opts, "id", "gateway"))
-    ledger = None
-    if str(settings.get("budget", "1")).strip().lower() not in ("0", "false", "no", "off"):
-        ledger = Ledger(bus)
+    ledger = Ledger(bus) if settings["budget"] else None
     actors = [GatewayActor(config, name=f"{ident}-{i}", worker_id=f"{ident}-{i}",
                            ledger=ledger, prices=PRICES)
-              for i in range(int(settings.get("instances", 1)))]
+              for i in range(settings["instances"])]
     started: list[GatewayActor] = []
     try:
         for actor in actors:

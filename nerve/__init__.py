@@ -1,6 +1,7 @@
 """nerve: long-lived LLM agents as durable workflows on NATS JetStream.
 
-This package is the root of the error tree and the project's version. The parts live in
+This package is the root of the error tree, the project's version, and the reader of the
+``--set KEY=VALUE`` settings every role shares. The parts live in
 their own top-level packages (``bus``, ``actors``, ``persistence``, ``supervisor``,
 ``workflow``, ``gateway_actor``, ``sandbox_actor``, ``budget_actor``, ``cli``), each with a
 curated ``__all__``.
@@ -53,6 +54,7 @@ from nerve._errors import (
     WorkflowNotFound,
     error_from_wire,
 )
+from nerve._settings import read_setting, read_settings
 
 __version__ = "0.1.0"
 
@@ -103,4 +105,6 @@ __all__ = [
     "WorkflowNotFound",
     "__version__",
     "error_from_wire",
+    "read_setting",
+    "read_settings",
 ]

@@ -15,30 +15,52 @@ from pathlib import Path
 from typing import Any
 
 from bus import Bus
+from nerve import ConfigError, read_settings
 from sandbox_actor._backend import BackendConfig, choose
 from sandbox_actor._egress import EgressConfig, EgressProxy
 from sandbox_actor._host import HostConfig, SandboxHost
 from sandbox_actor._placement import Placement
 from sandbox_actor._runner import RunnerConfig, SnapshotPolicy
 
+SANDBOX_SETTINGS: dict[str, Any] = {
+    "backend": "", "state_dir": "", "capacity": 32, "pool": 0, "lease_ttl": 2.0,
+    "snapshot_policy": SnapshotPolicy.EVERY_STEP.value, "every_n": 5, "egress_ports": ""}
+
+
+def _ports(text: str) -> set[int]:
+    try:
+        ports = {int(p) for p in text.split(",") if p.strip()}
+    except ValueError:
+        ports = {0}
+    if not all(0 < p < 65536 for p in ports):
+        raise ConfigError(f"sandbox setting egress_ports={text!r} must be comma-separated "
+                          f"port numbers (1-65535)", setting="egress_ports")
+    return ports
+
 
 async def run_sandbox_host(bus: Bus, opts: Any) -> None:
     """Run until cancelled: a sandbox host plus a placement actor."""
-    settings: dict[str, Any] = dict(getattr(opts, "settings", {}) or {})
+    settings = read_settings("sandbox", getattr(opts, "settings", None) or {},
+                             SANDBOX_SETTINGS)
     ident = str(opts.id)
-    state = Path(settings.get("state_dir") or f"/var/lib/nerve/sandbox/{ident}")
+    state = Path(settings["state_dir"] or f"/var/lib/nerve/sandbox/{ident}")
     config = BackendConfig(state_dir=state, host_id=ident)
-    ports = {int(p) for p in str(settings.get("egress_ports", "")).split(",") if p.strip()}
+    ports = _ports(settings["egress_ports"])
+    try:
+        policy = SnapshotPolicy(settings["snapshot_policy"])
+    except ValueError:
+        raise ConfigError(
+            f"sandbox setting snapshot_policy={settings['snapshot_policy']!r} must be one of "
+            f"{', '.join(p.value for p in SnapshotPolicy)}", setting="snapshot_policy",
+        ) from None
     egress = EgressProxy(EgressConfig(allowed_ports={80, 443, *ports}))
-    backend = choose(config, settings.get("backend") or None)
+    backend = choose(config, settings["backend"] or None)
     if hasattr(backend, "egress"):
         backend.egress = egress
-    runner = RunnerConfig(policy=SnapshotPolicy(settings.get("snapshot_policy", "every_step")),
-                          every_n=int(settings.get("every_n", 5)))
+    runner = RunnerConfig(policy=policy, every_n=settings["every_n"])
     host = SandboxHost(bus, backend, HostConfig(
-        host_id=ident, capacity=int(settings.get("capacity", 32)),
-        lease_ttl=float(settings.get("lease_ttl", 2.0)), pool_size=int(settings.get("pool", 0)),
-        runner=runner, cache_dir=state / "chunks"))
+        host_id=ident, capacity=settings["capacity"], lease_ttl=settings["lease_ttl"],
+        pool_size=settings["pool"], runner=runner, cache_dir=state / "chunks"))
     placement = Placement(bus)
     await host.start()
     await placement.start()

@@ -6,7 +6,9 @@ only after a crash; ``temporary``: never) and the :class:`Strategy` decides who 
 with it (``one_for_one``: itself; ``one_for_all``: everyone; ``rest_for_one``: itself and
 the children started after it). More than ``intensity`` restarts within ``period`` seconds
 means restarting does not help: the supervisor stops every child and fails with
-:class:`~nerve.EscalationError`, which its own parent sees as a crashed child.
+:class:`~nerve.EscalationError`, which its own parent sees as a crashed child. A child that
+fails with :class:`~nerve.ConfigError` is not restarted at all (the same configuration
+would fail the same way): the supervisor stops every child and raises that error.
 
 A child is anything that runs as a coroutine until it ends: an actor's ``run``, an
 :class:`~supervisor.OsProcess`'s ``run``, another supervisor's ``run``. Shutdown cancels it
@@ -28,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from actors import cancel_and_wait
-from nerve import EscalationError
+from nerve import ConfigError, EscalationError
 
 log = logging.getLogger("nerve.supervisor")
 
@@ -163,6 +165,10 @@ class Supervisor:
         crashed = exc is not None or task.cancelled()
         reason = repr(exc) if exc is not None else ("cancelled" if task.cancelled() else "normal")
         await self._emit(spec.id, "crashed" if crashed else "exited", reason)
+        if isinstance(exc, ConfigError):
+            await self._emit(spec.id, "escalated", f"{spec.id} is misconfigured, so "
+                             f"restarting it cannot help: {exc.message}")
+            raise exc
         if spec.restart is Restart.TEMPORARY:
             self.specs.remove(spec)
             return

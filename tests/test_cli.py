@@ -172,3 +172,28 @@ async def test_a_sigkilled_nerve_up_takes_its_server_and_roles_with_it(
     finally:
         again.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(again.wait(), 60) == 0
+
+
+async def test_a_misconfigured_role_stops_nerve_up_at_once_with_its_reason(
+        tmp_path: Path, nats_server) -> None:
+    data = tmp_path / "nerve"
+    base = ["up", "--data-dir", str(data), "--roles", "orchestrator,activity"]
+    code, out, err = await nerve(*base, "--set", "orchestrator.host_ttl=abc", check=False)
+    # The role's own message, once: restarting it would only fail the same way again.
+    assert code == 2, (out, err)
+    assert "nerve: error: orchestrator setting host_ttl='abc' must be a number" in err
+    assert "Traceback" not in err and "nerve: restarting" not in out + err
+    log = (data / "logs" / "orchestrator.log").read_text()
+    assert log.count("nerve: error:") == 1
+    assert not (data / "nerve.json").exists()
+
+    code, _, err = await nerve(*base, "--set", "orchestratr.host_ttl=1", check=False)
+    assert code == 2 and "--set 'orchestratr.host_ttl=1': wants ROLE.KEY=VALUE" in err
+    code, _, err = await nerve(*base, "--set", "host_ttl=1", check=False)
+    assert code == 2 and "wants ROLE.KEY=VALUE" in err
+
+    # The same refusal from `nerve worker` itself: exit status EX_CONFIG (78).
+    code, _, err = await nerve("worker", "--role", "activity", "--nats-url", nats_server.url,
+                               "--set", "concurrency=4", check=False)
+    assert code == 78
+    assert "nerve: error: activity has no setting 'concurrency'; it takes: no settings" in err

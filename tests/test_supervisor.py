@@ -13,7 +13,7 @@ import pytest
 
 from actors import unpack
 from bus import ConnectOptions, EmbeddedNats, EmbeddedNatsConfig, connect, provision
-from nerve import EscalationError
+from nerve import ConfigError, EscalationError
 from persistence import RunHistory, RunStarted, StepScheduled
 from supervisor import (
     ChildSpec,
@@ -145,6 +145,28 @@ async def test_escalation_from_the_root_raises() -> None:
     crew.crash("w")
     with pytest.raises(EscalationError, match="root gave up"):
         await asyncio.wait_for(task, 5)
+
+
+async def test_a_misconfigured_child_is_not_restarted_and_its_error_reaches_the_top() -> None:
+    crew = Crew()
+    starts = 0
+
+    async def misconfigured() -> None:
+        nonlocal starts
+        starts += 1
+        raise ConfigError("w setting x='abc' must be a number")
+
+    events: list[SupervisorEvent] = []
+    inner = Supervisor("inner", [crew.spec("sibling"), ChildSpec("w", misconfigured)],
+                       intensity=10, period=10, on_event=[events.append])
+    root = Supervisor("root", [inner.child_spec()], intensity=10, period=10)
+    task = asyncio.create_task(root.run())
+    # Restarting could not help: neither supervisor tries, and the message is the child's.
+    with pytest.raises(ConfigError, match="x='abc' must be a number"):
+        await asyncio.wait_for(task, 5)
+    assert starts == 1 and crew.starts["sibling"] == 1
+    assert [e.kind for e in events if e.child == "w"] == ["started", "crashed", "escalated"]
+    assert inner.running() == [] and root.running() == []
 
 
 async def test_os_process_killed_with_sigkill_is_restarted(tmp_path: Path) -> None:
