@@ -5,12 +5,8 @@ waiting for it to start, folding one run's history the way the read model does).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
-
-from nats.errors import Error as NatsClientError
 
 from api._config import ApiConfig
 from api._keys import ApiKeys, Principal
@@ -21,7 +17,7 @@ from api._readmodel import ReadModel, run_view
 from api._tail import Tails
 from budget_actor import Ledger
 from bus import Bus, check_token
-from nerve._errors import ConfigError, NerveError, RunNotFound, TaskRejected
+from nerve._errors import ConfigError, NerveError, RunNotFound
 from persistence import RunHistory, RunStarted
 from workflow import NerveClient
 
@@ -130,52 +126,21 @@ class Services:
         Returns the started run, ``None`` if it did not start within ``submit_wait`` (it is
         queued), or raises :class:`~nerve.TaskRejected` with the orchestrator's reason.
         """
-        nc = self.bus.nc
-        started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        rejected: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-
-        async def on_history(msg: Any) -> None:
-            if not started.done():
-                started.set_result(None)
-
-        async def on_rejected(msg: Any) -> None:
-            with contextlib.suppress(ValueError, AttributeError):
-                notice = json.loads(msg.data)
-                if notice.get("run_id") == run_id and not rejected.done():
-                    rejected.set_result(str(notice.get("reason", "rejected")))
-
-        subs = []
-        if wait:
-            subs.append(await nc.subscribe(self.bus.names.history(run_id), cb=on_history))
-            subs.append(await nc.subscribe(self.bus.names.tasks_rejected, cb=on_rejected))
-        try:
+        if not wait:
             await publish()
-            if not wait:
-                return None
-            if await RunHistory(self.bus, run_id).first() is not None and not started.done():
-                started.set_result(None)  # it existed already
-            done, _ = await asyncio.wait({started, rejected}, timeout=self.config.submit_wait,
-                                         return_when=asyncio.FIRST_COMPLETED)
-            if rejected in done:
-                raise TaskRejected(rejected.result(), run_id=run_id)
-            if started in done:
-                # A core subscriber hears an append as it is published, a moment before
-                # JetStream has stored it: read until the stored history shows it.
-                for attempt in range(40):
-                    try:
-                        return await self.state(run_id)
-                    except RunNotFound:
-                        await asyncio.sleep(min(0.005 * 2 ** attempt, 0.1))
-                    except NerveError:
-                        break
             return None
-        finally:
-            for sub in subs:
-                with contextlib.suppress(NatsClientError):
-                    await sub.unsubscribe()
-            for fut in (started, rejected):
-                if not fut.done():
-                    fut.cancel()
+        if not await self.client.until_started(run_id, publish, self.config.submit_wait):
+            return None
+        # A core subscriber hears an append as it is published, a moment before JetStream
+        # has stored it, and the read model catches up after: read until it shows the run.
+        for attempt in range(40):
+            try:
+                return await self.state(run_id)
+            except RunNotFound:
+                await asyncio.sleep(min(0.005 * 2 ** attempt, 0.1))
+            except NerveError:
+                break
+        return None
 
 
 __all__ = ["RunState", "Services", "not_found"]

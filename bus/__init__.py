@@ -3,6 +3,7 @@
 from bus._connect import NATS_URL_ENV, Bus, ConnectOptions, connect
 from bus._embedded import EmbeddedNats, EmbeddedNatsConfig, ServerState, find_nats_server
 from bus._parser import RawHeaders
+from bus._pidlock import PidLock
 from bus._provision import StreamLimits, provision, stream_configs
 from bus._replies import Reply, ReplyInbox, StoredAck
 from bus._subjects import Names, check_token
@@ -14,6 +15,7 @@ __all__ = [
     "EmbeddedNats",
     "EmbeddedNatsConfig",
     "Names",
+    "PidLock",
     "RawHeaders",
     "Reply",
     "ReplyInbox",

@@ -20,6 +20,7 @@ from pathlib import Path
 import nats
 from nats.errors import Error as NatsClientError
 
+from bus._pidlock import PidLock
 from nerve import (
     ConfigError,
     NatsServerCrashed,
@@ -95,6 +96,7 @@ class EmbeddedNatsConfig:
     extra_config: dict[str, str] = field(default_factory=dict)
     ready_timeout: float = 15.0
     stop_with_parent: bool = True  # Linux: the server stops when the process that started it dies
+    lock_wait: float = 5.0  # how long to wait for another server to let go of the store
 
 
 class EmbeddedNats:
@@ -113,6 +115,7 @@ class EmbeddedNats:
         self._port: int | None = config.port or None
         self._exit: asyncio.Future[int] | None = None
         self._watch_task: asyncio.Task[None] | None = None
+        self._lock: PidLock | None = None
         self.started_in: float | None = None
 
     @property
@@ -154,6 +157,22 @@ class EmbeddedNats:
             ) from None
         return store, run_dir
 
+    async def _lock_store(self, run_dir: Path) -> None:
+        """Two servers writing one store corrupt it. Waits ``lock_wait`` seconds for one
+        that is still shutting down (its owner was just killed) before giving up."""
+        if self._lock is None:
+            self._lock = PidLock(run_dir / "store.lock")
+        if not await self._lock.acquire(self.config.lock_wait):
+            raise NatsServerStartError(
+                f"the NATS store {self.config.store_dir} is in use by another nerve (pid "
+                f"{self._lock.holder()}), for instance a `nerve up` with the same "
+                f"--data-dir; stop it, or use another directory",
+                store=str(self.config.store_dir))
+
+    def _unlock_store(self) -> None:
+        if self._lock is not None:
+            self._lock.release()  # the server's copy closed when it exited
+
     def _render_config(self, store: Path, run_dir: Path) -> str:
         c = self.config
         lines = [
@@ -179,6 +198,8 @@ class EmbeddedNats:
             raise NatsServerStartError("the embedded nats-server is already running")
         binary = find_nats_server()
         store, run_dir = self._prepare_dirs()
+        await self._lock_store(run_dir)
+        assert self._lock is not None and self._lock.fd is not None
         conf = run_dir / "nats-server.conf"
         conf.write_text(self._render_config(store, run_dir))
         t0 = time.perf_counter()
@@ -189,6 +210,13 @@ class EmbeddedNats:
             stderr=asyncio.subprocess.DEVNULL,
             preexec_fn=(_stop_with_parent if self.config.stop_with_parent
                         and sys.platform.startswith("linux") else None),
+            # A terminal's Ctrl-C goes to its whole foreground process group: the server
+            # must not stop on its own under the processes still using it. Whoever started
+            # it stops it, in order (and the kernel does, should that one die).
+            start_new_session=True,
+            # The server holds the store's lock too: it stays locked until the server
+            # has exited, even if the process that started it died first.
+            pass_fds=(self._lock.fd,),
         )
         loop = asyncio.get_running_loop()
         self._exit = loop.create_future()
@@ -199,6 +227,7 @@ class EmbeddedNats:
         except BaseException:
             await self._kill()
             self.state = ServerState.STOPPED
+            self._unlock_store()
             raise
         self.started_in = time.perf_counter() - t0
         self.state = ServerState.RUNNING
@@ -293,6 +322,7 @@ class EmbeddedNats:
         if self._watch_task is not None:
             await self._watch_task
         self.state = ServerState.STOPPED
+        self._unlock_store()
 
     async def _kill(self) -> None:
         proc = self._proc

@@ -9,10 +9,10 @@ import sys
 import time
 from typing import Any
 
-from actors import run
+from actors import new_id, run
 from cli._target import add_target_args, connect_target
 from cli._worker import import_workflow_modules
-from nerve import ConfigError, RunNotFound
+from nerve import ConfigError, Conflict, RunNotFound, TaskRejected, WorkflowError
 from persistence import RunHistory
 from workflow import NerveClient, RunSummary, replay_run, summarize
 
@@ -99,14 +99,31 @@ async def _run(args: argparse.Namespace) -> int:
     bus = await connect_target(args)
     client = NerveClient(bus)
     try:
-        run_id = await client.submit(args.tenant, args.task, workflow=args.workflow,
-                                     input=_json_arg(args.input, "--input"))
+        task_input = _json_arg(args.input, "--input")
+        run_id = new_id("r")
+
+        async def publish() -> None:
+            await client.submit(args.tenant, args.task, workflow=args.workflow,
+                                input=task_input, run_id=run_id)
+
         if not (args.wait or args.follow):
+            await publish()
             print(json.dumps({"run_id": run_id}) if args.json else run_id)
             return 0
+        deadline = None if args.timeout is None else time.monotonic() + args.timeout
+        try:
+            # False: still queued at the deadline, which the wait below then reports.
+            await client.until_started(run_id, publish, args.timeout)
+        except TaskRejected as exc:
+            raise TaskRejected(f"the task was rejected: {exc.message}", run_id=run_id) from None
         if args.follow:
             await _follow(bus, run_id)
-        summary = await client.wait(run_id, timeout=args.timeout)
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            summary = await client.wait(run_id, timeout=left)
+        except WorkflowError:
+            raise WorkflowError(f"run {run_id} did not end within --timeout {args.timeout}s "
+                                f"(it goes on: nerve show {run_id})", run_id=run_id) from None
         if args.json:
             print(json.dumps(_summary_dict(summary), default=str))
         else:
@@ -219,12 +236,19 @@ async def _show(args: argparse.Namespace) -> int:
         await bus.close()
 
 
+async def _unfinished(client: NerveClient, run_id: str, refusal: str) -> None:
+    """Refuse (as the API does, with 409) to message a run that has ended."""
+    summary = await client.summary(run_id)  # RunNotFound for an unknown run
+    if summary.done:
+        raise Conflict(f"run {run_id} is {summary.status} already; {refusal}", run_id=run_id)
+
+
 async def _signal(args: argparse.Namespace) -> int:
     bus = await connect_target(args)
     try:
-        await NerveClient(bus).history(args.run_id)  # a clear error for an unknown run
-        sid = await NerveClient(bus).signal(args.run_id, args.name,
-                                            _json_arg(args.payload, "payload"),
+        payload = _json_arg(args.payload, "payload")
+        await _unfinished(NerveClient(bus), args.run_id, "a signal would change nothing")
+        sid = await NerveClient(bus).signal(args.run_id, args.name, payload,
                                             sender=args.sender or "cli", approves=args.approves)
         print(sid)
         return 0
@@ -235,7 +259,7 @@ async def _signal(args: argparse.Namespace) -> int:
 async def _cancel(args: argparse.Namespace) -> int:
     bus = await connect_target(args)
     try:
-        await NerveClient(bus).history(args.run_id)
+        await _unfinished(NerveClient(bus), args.run_id, "nothing to cancel")
         await NerveClient(bus).cancel(args.run_id, args.reason, by="cli")
         return 0
     finally:

@@ -26,7 +26,15 @@ from typing import Any
 from nats.errors import Error as NatsClientError
 
 from actors import ask, run
-from bus import Bus, ConnectOptions, EmbeddedNats, EmbeddedNatsConfig, connect, provision
+from bus import (
+    Bus,
+    ConnectOptions,
+    EmbeddedNats,
+    EmbeddedNatsConfig,
+    PidLock,
+    connect,
+    provision,
+)
 from cli._roles import DEFAULT_UP_ROLES, ROLES
 from cli._target import STATE_FILE, default_data_dir
 from cli._worker import EX_CONFIG
@@ -98,6 +106,7 @@ class Cluster:
         self._rewrites: set[asyncio.Task[None]] = set()
         self._tree: asyncio.Task[None] | None = None
         self._bus: Bus | None = None
+        self._lock: PidLock | None = None
 
     def role_id(self, role: str) -> str:
         return f"{role}-1"
@@ -115,6 +124,14 @@ class Cluster:
 
     async def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        # One nerve per data dir: a second would share the store and overwrite nerve.json.
+        lock = PidLock(self.data_dir / "up.lock")
+        if not await lock.acquire():
+            holder = lock.holder()
+            raise ConfigError(f"nerve is already up in {self.data_dir} (pid {holder}); stop "
+                              f"it first (Ctrl-C where it runs, or kill {holder}), or use "
+                              f"another --data-dir")
+        self._lock = lock
         (self.data_dir / STATE_FILE).unlink(missing_ok=True)
         logs = self.data_dir / "logs"
         logs.mkdir(exist_ok=True)
@@ -251,7 +268,10 @@ class Cluster:
             await self._bus.close(drain=False)
         if self.server is not None:
             await self.server.stop()
-        (self.data_dir / STATE_FILE).unlink(missing_ok=True)
+        if self._lock is not None:  # not the state of another nerve, which holds the lock
+            (self.data_dir / STATE_FILE).unlink(missing_ok=True)
+            self._lock.release()
+            self._lock = None
 
 
 def _last_error(log_file: Path) -> str | None:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
+import signal
 import stat
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,7 +27,13 @@ from bus import (
     connect,
     provision,
 )
-from nerve import BusError, ConfigError, NatsServerCrashed, NatsServerNotFound
+from nerve import (
+    BusError,
+    ConfigError,
+    NatsServerCrashed,
+    NatsServerNotFound,
+    NatsServerStartError,
+)
 
 
 async def test_embedded_server_is_durable_and_reports_where_it_is(tmp_path: Path) -> None:
@@ -73,6 +82,53 @@ async def test_crash_is_reported_and_restart_keeps_port_and_acked_data(tmp_path:
     assert info.state.messages == len(acks)
     await b.close()
     await server.stop()
+
+
+_ORPHAN = """
+import asyncio, sys
+from pathlib import Path
+from bus import EmbeddedNats, EmbeddedNatsConfig
+async def main():
+    server = EmbeddedNats(EmbeddedNatsConfig(store_dir=Path(sys.argv[1]), stop_with_parent=False))
+    await server.start()
+    print(server.pid, flush=True)
+    await asyncio.Event().wait()
+asyncio.run(main())
+"""
+
+
+async def test_one_store_takes_one_server_at_a_time(tmp_path: Path) -> None:
+    """Two servers writing one store would corrupt it: the second is refused, naming the
+    holder, until the first has let go, even when its starter died and it did not."""
+    config = EmbeddedNatsConfig(store_dir=tmp_path / "d", lock_wait=0.3)
+    first = EmbeddedNats(config)
+    await first.start()
+    try:
+        with pytest.raises(NatsServerStartError,
+                           match=rf"is in use by another nerve \(pid {os.getpid()}\)"):
+            await EmbeddedNats(config).start()
+    finally:
+        await first.stop()
+    second = EmbeddedNats(config)
+    await second.start()  # free again once the first stopped
+    await second.stop()
+
+    # A starter SIGKILLed while its server lives on (stop_with_parent off): the server
+    # itself still holds the store.
+    starter = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _ORPHAN, str(tmp_path / "d"), stdout=asyncio.subprocess.PIPE)
+    assert starter.stdout is not None
+    orphan = int(await asyncio.wait_for(starter.stdout.readline(), 30))
+    starter.kill()
+    await starter.wait()
+    try:
+        with pytest.raises(NatsServerStartError, match="is in use by another nerve"):
+            await EmbeddedNats(config).start()
+    finally:
+        os.kill(orphan, signal.SIGKILL)
+    third = EmbeddedNats(dataclasses.replace(config, lock_wait=10))  # until the kill lands
+    await third.start()
+    await third.stop()
 
 
 async def test_missing_binary_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -53,7 +53,8 @@ async def up(tmp_path: Path) -> AsyncIterator[tuple[Path, asyncio.subprocess.Pro
     proc = await asyncio.create_subprocess_exec(
         *NERVE, "up", "--data-dir", str(data), "--nats-port", str(port),
         "--roles", "orchestrator,activity,gateway,budget",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        start_new_session=True)  # its own process group, as a shell gives a command
     async with asyncio.timeout(60):
         while not (data / "nerve.json").exists():
             assert proc.returncode is None, "nerve up exited while starting"
@@ -103,12 +104,29 @@ async def test_nerve_up_and_the_client_commands(
                 break
             await asyncio.sleep(0.2)
 
+    # One nerve per data dir: a second `nerve up` there is refused and changes nothing.
+    code, _, err = await nerve("up", *d, check=False)
+    assert code == 2 and f"nerve is already up in {data} (pid {info['pid']})" in err
+    assert state(data)["roles"] == info["roles"]
+
     # Mistakes get one clear line, not a traceback.
     code, _, err = await nerve("show", "no-such-run", *d, check=False)
     assert code == 2 and err.startswith("nerve: error: no run no-such-run")
     assert "Traceback" not in err
     code, _, err = await nerve("signal", done["run_id"], "x", "{not json", *d, check=False)
     assert code == 2 and "not valid JSON" in err
+    # A task the orchestrator refuses never becomes a run: --wait and --follow say why at
+    # once instead of waiting for it forever.
+    for mode in ("--wait", "--follow"):
+        code, _, err = await nerve("run", "x", "--workflow", "no-such-workflow", mode, *d,
+                                   check=False)
+        assert code == 2, err
+        assert "the task was rejected: no workflow named 'no-such-workflow'" in err
+    # A run that has ended takes no more messages (as the API answers 409).
+    code, _, err = await nerve("signal", done["run_id"], "x", "{}", *d, check=False)
+    assert code == 2 and "is completed already; a signal would change nothing" in err
+    code, _, err = await nerve("cancel", done["run_id"], *d, check=False)
+    assert code == 2 and "is completed already; nothing to cancel" in err
     code, _, err = await nerve("runs", "--data-dir", str(data / "nowhere"), check=False)
     assert code == 2 and "nerve up --data-dir" in err
 
@@ -139,8 +157,15 @@ async def test_a_sigkilled_role_comes_back_and_ctrl_c_stops_everything(
                             "--input", '{"tools": []}', "--data-dir", str(data))
     assert json.loads(out)["result"]["answer"] == "still here"
 
-    proc.send_signal(signal.SIGINT)
+    # Ctrl-C in a terminal: SIGINT to the whole foreground process group at once. nerve
+    # up stops the roles, then the server, in order: nothing stops under the others.
+    os.killpg(proc.pid, signal.SIGINT)
     assert await asyncio.wait_for(proc.wait(), 60) == 0
+    assert proc.stdout is not None
+    said = (await proc.stdout.read()).decode()
+    assert "nerve: stopping" in said
+    for trouble in ("Traceback", "crashed", "unexpectedly", "ignored SIGTERM"):
+        assert trouble not in said.split("nerve: stopping")[1], said
     everyone = [r["pid"] for r in after.values()] + [nats_pid]
     assert not any(alive(pid) for pid in everyone)
     assert not (data / "nerve.json").exists()

@@ -11,7 +11,7 @@ import pytest
 
 PUBLIC = {
     "bus": ["Bus", "ConnectOptions", "EmbeddedNats", "EmbeddedNatsConfig", "NATS_URL_ENV",
-            "Names", "RawHeaders", "Reply", "ReplyInbox", "ServerState", "StoredAck",
+            "Names", "PidLock", "RawHeaders", "Reply", "ReplyInbox", "ServerState", "StoredAck",
             "StreamLimits", "check_token", "connect",
             "find_nats_server", "provision", "stream_configs"],
     "actors": ["Actor", "ActorState", "DeadLetter", "Delivery", "Envelope", "H_HEARTBEAT",

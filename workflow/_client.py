@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from nats.errors import Error as NatsClientError
 from nats.errors import TimeoutError as NatsTimeoutError
 
 from actors import decode, encode, encode_json, new_id
 from bus import Bus, check_token
-from nerve import CodecError, RunNotFound, WorkflowError
+from nerve import CodecError, RunNotFound, TaskRejected, WorkflowError
 from persistence import (
     CancelMessage,
     Event,
@@ -120,6 +125,50 @@ class NerveClient:
             self.bus.names.tasks(tenant), encode_json(request.model_dump(exclude_none=True)),
             headers={"Nats-Msg-Id": f"task:{run_id}", "Content-Type": "application/json"})
         return run_id
+
+    async def until_started(self, run_id: str, publish: Callable[[], Awaitable[Any]],
+                            timeout: float | None = None) -> bool:
+        """Publish the task of ``run_id`` (``publish()``) and wait until its run has started.
+
+        True once its history exists (at once if it existed already), False if it had not
+        started within ``timeout`` (it is queued). Raises :class:`~nerve.TaskRejected` with
+        the orchestrator's reason if the task is refused (an unknown workflow, an invalid
+        input, a tenant over budget): such a run never starts, so waiting for it without
+        listening for the refusal would never end. The refusal goes out once, on
+        ``nerve.tasks.rejected``, to whoever listens then: hence the publishing here.
+        """
+        loop = asyncio.get_running_loop()
+        started: asyncio.Future[None] = loop.create_future()
+        rejected: asyncio.Future[str] = loop.create_future()
+
+        async def on_history(msg: Any) -> None:
+            if not started.done():
+                started.set_result(None)
+
+        async def on_rejected(msg: Any) -> None:
+            with contextlib.suppress(ValueError, AttributeError):
+                notice = json.loads(msg.data)
+                if notice.get("run_id") == run_id and not rejected.done():
+                    rejected.set_result(str(notice.get("reason") or "rejected"))
+
+        nc = self.bus.nc
+        subs = [await nc.subscribe(self.bus.names.history(run_id), cb=on_history),
+                await nc.subscribe(self.bus.names.tasks_rejected, cb=on_rejected)]
+        try:
+            await publish()
+            if await RunHistory(self.bus, run_id).first() is not None:
+                return True  # it existed already
+            done, _ = await asyncio.wait({started, rejected}, timeout=timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if rejected in done:
+                raise TaskRejected(rejected.result(), run_id=run_id)
+            return started in done
+        finally:
+            for sub in subs:
+                with contextlib.suppress(NatsClientError):
+                    await sub.unsubscribe()
+            started.cancel()
+            rejected.cancel()
 
     async def fork(self, run_id: str, at: int, *, tenant: str,
                    new_run_id: str | None = None) -> str:
