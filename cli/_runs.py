@@ -271,14 +271,23 @@ async def _fork(args: argparse.Namespace) -> int:
     try:
         client = NerveClient(bus)
         parent = await client.summary(args.run_id)
-        new_id = await client.fork(args.run_id, args.at, tenant=parent.tenant)
-        if args.wait:
-            summary = await client.wait(new_id)
-            print(json.dumps(_summary_dict(summary), default=str) if args.json
-                  else f"{new_id} {summary.status}")
-            return 0 if summary.status == "completed" else 1
-        print(json.dumps({"run_id": new_id}) if args.json else new_id)
-        return 0
+        fork_id = new_id("r")
+
+        async def publish() -> None:
+            await client.fork(args.run_id, args.at, tenant=parent.tenant, new_run_id=fork_id)
+
+        if not args.wait:
+            await publish()
+            print(json.dumps({"run_id": fork_id}) if args.json else fork_id)
+            return 0
+        try:
+            await client.until_started(fork_id, publish)
+        except TaskRejected as exc:
+            raise TaskRejected(f"the fork was rejected: {exc.message}", run_id=fork_id) from None
+        summary = await client.wait(fork_id)
+        print(json.dumps(_summary_dict(summary), default=str) if args.json
+              else f"{fork_id} {summary.status}")
+        return 0 if summary.status == "completed" else 1
     finally:
         await bus.close()
 

@@ -122,6 +122,11 @@ async def test_nerve_up_and_the_client_commands(
                                    check=False)
         assert code == 2, err
         assert "the task was rejected: no workflow named 'no-such-workflow'" in err
+    code, _, err = await nerve("fork", done["run_id"], "--at", "999", "--wait", *d,
+                               check=False)
+    assert code == 2 and "the fork was rejected: cannot fork" in err
+    _, out, _ = await nerve("fork", done["run_id"], "--at", "2", "--wait", "--json", *d)
+    assert json.loads(out)["status"] == "completed"
     # A run that has ended takes no more messages (as the API answers 409).
     code, _, err = await nerve("signal", done["run_id"], "x", "{}", *d, check=False)
     assert code == 2 and "is completed already; a signal would change nothing" in err
