@@ -22,6 +22,7 @@ from nats.errors import (
 )
 from nats.errors import Error as NatsClientError
 from nats.js import JetStreamContext
+from nats.js.errors import APIError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
@@ -193,6 +194,21 @@ class Bus:
             await sub.unsubscribe()
             sub = await self.nc.subscribe(subject, cb=forward)
         return sub
+
+    async def require_jetstream(self) -> None:
+        """Raise :class:`~nerve.BusError` unless the server answers JetStream's API.
+
+        Everything nerve keeps is in streams; a server started without ``-js`` would
+        otherwise fail later, on the first publish, with nats-py's bare "no responders".
+        """
+        try:
+            await self.js.account_info()
+        except (APIError, NatsClientError, TimeoutError) as exc:
+            url = self.nc.connected_url.geturl() if self.nc.connected_url else "NATS"
+            raise BusError(
+                f"{url} has no JetStream for this account ({exc!r}); nerve keeps its runs in "
+                f"JetStream streams: start nats-server with -js (or a jetstream {{}} block "
+                f"in its config), or use `nerve up`, which starts one", url=url) from None
 
     async def raw_unsubscribe(self, sub: Any) -> None:
         if isinstance(self.nc, _Client):

@@ -149,6 +149,7 @@ async def provision(bus: Bus, limits: StreamLimits | None = None,
     config is left alone; a compatible difference is updated; an incompatible one raises
     :class:`~nerve.ProvisioningError` naming the resource and the fix.
     """
+    await bus.require_jetstream()
     limits = limits or StreamLimits()
     names = bus.names
     for config in stream_configs(names, limits):

@@ -9,6 +9,8 @@ import sys
 import time
 from typing import Any
 
+from nats.js.errors import NotFoundError
+
 from actors import new_id, run
 from cli._target import add_target_args, connect_target
 from cli._worker import import_workflow_modules
@@ -167,7 +169,10 @@ async def _follow(bus, run_id: str) -> None:
 
 async def _list_run_ids(bus) -> list[str]:
     names = bus.names
-    info = await bus.js.stream_info(names.runs_stream, subjects_filter=names.history("*"))
+    try:
+        info = await bus.js.stream_info(names.runs_stream, subjects_filter=names.history("*"))
+    except NotFoundError:
+        return []  # nerve has not run on this NATS (with this prefix) yet: no runs
     subjects = (info.state.subjects or {}) if info.state else {}
     return [s.split(".")[-2] for s in subjects]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from bus import NATS_URL_ENV, Bus, ConnectOptions, connect
-from nerve import ConfigError
+from nerve import BusError, ConfigError
 
 DATA_DIR_ENV = "NERVE_DATA_DIR"
 STATE_FILE = "nerve.json"
@@ -60,4 +60,10 @@ def resolve_url(args: argparse.Namespace) -> tuple[str, str]:
 
 async def connect_target(args: argparse.Namespace, name: str = "nerve-cli") -> Bus:
     url, prefix = resolve_url(args)
-    return await connect(ConnectOptions.from_env(url, prefix=prefix, name=name))
+    bus = await connect(ConnectOptions.from_env(url, prefix=prefix, name=name))
+    try:
+        await bus.require_jetstream()
+    except BusError:
+        await bus.close()
+        raise
+    return bus

@@ -207,6 +207,10 @@ async def _direct_batch(bus: Bus, stream: str, subject: str, start: int, batch: 
     finally:
         await bus.raw_unsubscribe(sub)
     status = end.status()
+    if status == "503":  # no responders: no such stream
+        raise HistoryError(f"no stream {stream} on this NATS to read {subject} from: nerve "
+                           f"has not run here with this prefix (check --prefix / --nats-url)",
+                           subject=subject)
     if status not in ("204", "404"):
         raise HistoryError(f"direct get on {stream} failed: {status} {end.raw[:200]!r}",
                            subject=subject)

@@ -227,3 +227,41 @@ async def test_a_misconfigured_role_stops_nerve_up_at_once_with_its_reason(
                                "--set", "concurrency=4", check=False)
     assert code == 78
     assert "nerve: error: activity has no setting 'concurrency'; it takes: no settings" in err
+
+
+async def test_a_nats_without_jetstream_or_without_nerve_gets_one_clear_line(
+        nats_server) -> None:
+    from bus import find_nats_server
+
+    port = free_port()
+    plain = await asyncio.create_subprocess_exec(  # a server started without -js
+        str(find_nats_server()), "-a", "127.0.0.1", "-p", str(port),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    try:
+        url = f"nats://127.0.0.1:{port}"
+        async with asyncio.timeout(10):
+            while True:
+                try:
+                    probe = await nats.connect(url, allow_reconnect=False)
+                except (OSError, nats.errors.Error):
+                    await asyncio.sleep(0.05)
+                    continue
+                await probe.close()
+                break
+        for args in (["run", "hi"], ["worker", "--role", "activity"]):
+            code, _, err = await nerve(*args, "--nats-url", url, check=False)
+            assert code == 2 and "has no JetStream" in err and "start nats-server with -js" \
+                in err, err
+            assert "Traceback" not in err
+    finally:
+        plain.kill()
+        await plain.wait()
+
+    # JetStream, but nerve has never run there (here: a prefix nobody provisioned).
+    d = ["--nats-url", nats_server.url, "--prefix", "neverprovisioned"]
+    code, _, err = await nerve("run", "hi", *d, check=False)
+    assert code == 2 and "no stream stores neverprovisioned.tasks.default" in err, err
+    code, out, err = await nerve("runs", *d, check=False)
+    assert code == 0 and out.startswith("RUN"), err
+    code, _, err = await nerve("show", "r1", *d, check=False)
+    assert code == 2 and "no stream NEVERPROVISIONED_RUNS on this NATS" in err, err

@@ -12,10 +12,11 @@ from typing import Any
 
 from nats.errors import Error as NatsClientError
 from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.errors import NoStreamResponseError
 
 from actors import decode, encode, encode_json, new_id
 from bus import Bus, check_token
-from nerve import CodecError, RunNotFound, TaskRejected, WorkflowError
+from nerve import BusError, CodecError, RunNotFound, TaskRejected, WorkflowError
 from persistence import (
     CancelMessage,
     Event,
@@ -121,9 +122,7 @@ class NerveClient:
         run_id = run_id or new_id("r")
         request = TaskRequest(task=task, input=input, workflow=workflow, run_id=run_id,
                               labels=labels or {}, **extra)
-        await self.bus.js.publish(
-            self.bus.names.tasks(tenant), encode_json(request.model_dump(exclude_none=True)),
-            headers={"Nats-Msg-Id": f"task:{run_id}", "Content-Type": "application/json"})
+        await self._publish_task(tenant, request)
         return run_id
 
     async def until_started(self, run_id: str, publish: Callable[[], Awaitable[Any]],
@@ -176,15 +175,27 @@ class NerveClient:
         check_token("tenant", tenant)
         new_run_id = new_run_id or new_id("r")
         request = TaskRequest(run_id=new_run_id, fork=ForkSpec(run_id=run_id, at=at))
-        await self.bus.js.publish(
-            self.bus.names.tasks(tenant), encode_json(request.model_dump(exclude_none=True)),
-            headers={"Nats-Msg-Id": f"task:{new_run_id}", "Content-Type": "application/json"})
+        await self._publish_task(tenant, request)
         return new_run_id
+
+    async def _publish_task(self, tenant: str, request: TaskRequest) -> None:
+        await self._store(self.bus.names.tasks(tenant),
+                          encode_json(request.model_dump(exclude_none=True)),
+                          {"Nats-Msg-Id": f"task:{request.run_id}",
+                           "Content-Type": "application/json"})
 
     async def _to_inbox(self, run_id: str, message: Any, msg_id: str) -> None:
         check_token("run id", run_id)
-        await self.bus.js.publish(self.bus.names.inbox(run_id), encode(message),
-                                  headers={"Nats-Msg-Id": msg_id})
+        await self._store(self.bus.names.inbox(run_id), encode(message), {"Nats-Msg-Id": msg_id})
+
+    async def _store(self, subject: str, data: bytes, headers: dict[str, str]) -> None:
+        try:
+            await self.bus.js.publish(subject, data, headers=headers)
+        except NoStreamResponseError:
+            raise BusError(f"no stream stores {subject}: nerve's streams are not on this "
+                           f"NATS (prefix {self.bus.names.prefix!r}) yet; start `nerve up "
+                           f"--nats-url ...` or a `nerve worker` there, which create them, "
+                           f"or check --prefix", subject=subject) from None
 
     async def signal(self, run_id: str, name: str, payload: Any = None, *,
                      sender: str | None = None, approves: str | None = None,
