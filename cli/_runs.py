@@ -94,7 +94,8 @@ def _summary_dict(s: RunSummary) -> dict[str, Any]:
     return {"run_id": s.run_id, "tenant": s.tenant, "workflow": s.workflow,
             "version": s.version, "status": s.status, "started_at": s.started_at,
             "ended_at": s.ended_at, "result": s.result, "error": s.error, "steps": s.steps,
-            "events": s.events, "waiting_for": s.waiting_for, "blocked": s.blocked}
+            "events": s.events, "waiting_for": s.waiting_for, "approvals": s.approvals,
+            "blocked": s.blocked}
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -236,25 +237,42 @@ async def _show(args: argparse.Namespace) -> int:
             fields = ev.model_dump(mode="json", exclude={"v", "at", "type"}, exclude_defaults=True)
             text = json.dumps(fields, default=str)
             print(f"{n:>4} +{ev.at - t0:8.3f}s  {ev.type:<16} {text[:160]}")
+        for a in s.approvals:
+            print(f"waiting for approval {a['digest']} (step {a['index']}; `nerve logs "
+                  f"{s.run_id}` shows the tool call); decide with:\n  nerve signal "
+                  f"{s.run_id} {a['name']} '{{\"approved\": true}}' --approves {a['digest']}")
         return 0
     finally:
         await bus.close()
 
 
-async def _unfinished(client: NerveClient, run_id: str, refusal: str) -> None:
+async def _unfinished(client: NerveClient, run_id: str, refusal: str) -> RunSummary:
     """Refuse (as the API does, with 409) to message a run that has ended."""
     summary = await client.summary(run_id)  # RunNotFound for an unknown run
     if summary.done:
         raise Conflict(f"run {run_id} is {summary.status} already; {refusal}", run_id=run_id)
+    return summary
 
 
 async def _signal(args: argparse.Namespace) -> int:
     bus = await connect_target(args)
     try:
         payload = _json_arg(args.payload, "payload")
-        await _unfinished(NerveClient(bus), args.run_id, "a signal would change nothing")
-        sid = await NerveClient(bus).signal(args.run_id, args.name, payload,
-                                            sender=args.sender or "cli", approves=args.approves)
+        client = NerveClient(bus)
+        summary = await _unfinished(client, args.run_id, "a signal would change nothing")
+        if args.name == "approval" or args.approves:
+            # Checked here as the API checks it: the run would only record a rejection.
+            pending = [a["digest"] for a in summary.approvals if a["name"] == args.name]
+            if not isinstance(payload, dict) or not isinstance(payload.get("approved"), bool):
+                raise ConfigError('an approval\'s payload is {"approved": true|false, '
+                                  '"reason"?: text}')
+            if args.approves not in pending:
+                raise Conflict(f"run {args.run_id} has no pending approval "
+                               f"{args.approves or '(no --approves given)'} named "
+                               f"{args.name!r}; pending: {', '.join(pending) or 'none'} "
+                               f"(nerve show {args.run_id} lists them)", run_id=args.run_id)
+        sid = await client.signal(args.run_id, args.name, payload,
+                                  sender=args.sender or "cli", approves=args.approves)
         print(sid)
         return 0
     finally:

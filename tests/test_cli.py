@@ -127,6 +127,43 @@ async def test_nerve_up_and_the_client_commands(
     assert code == 2 and "the fork was rejected: cannot fork" in err
     _, out, _ = await nerve("fork", done["run_id"], "--at", "2", "--wait", "--json", *d)
     assert json.loads(out)["status"] == "completed"
+    # A tool call that needs a person: `nerve show` says which approval the run waits
+    # for and how to decide it; an approval that names none of them is refused up front.
+    _, out, _ = await nerve("run", "compute 7*6 in python", "--input",
+                            '{"tools": ["run"], "requires_approval": ["run"]}', *d)
+    gated = out.strip()
+    async with asyncio.timeout(30):
+        while True:
+            _, out, _ = await nerve("show", gated, "--json", *d)
+            pending = json.loads(out)["summary"]["approvals"]
+            if pending:
+                break
+            await asyncio.sleep(0.2)
+    digest = pending[0]["digest"]
+    _, out, _ = await nerve("show", gated, *d)
+    assert f"--approves {digest}" in out.splitlines()[-1]
+    code, _, err = await nerve("signal", gated, "approval", '{"approved": true}', *d,
+                               check=False)
+    assert code == 2 and f"no pending approval (no --approves given) named 'approval'; " \
+        f"pending: {digest}" in err
+    code, _, err = await nerve("signal", gated, "approval", '{"yes": 1}', "--approves", digest,
+                               *d, check=False)
+    assert code == 2 and "an approval's payload is" in err
+    await nerve("signal", gated, "approval", '{"approved": false}', "--approves", digest, *d)
+    async with asyncio.timeout(30):
+        while json.loads((await nerve("show", gated, "--json", *d))[1])["summary"][
+                "status"] != "completed":
+            await asyncio.sleep(0.2)
+
+    # A reader that goes away (`nerve show ... | head`) ends the command quietly.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    reader_gone = await asyncio.create_subprocess_exec(
+        *NERVE, "show", gated, *d, stdout=write_end, stderr=asyncio.subprocess.PIPE)
+    os.close(write_end)
+    _, err_bytes = await asyncio.wait_for(reader_gone.communicate(), 60)
+    assert reader_gone.returncode == 141 and b"Traceback" not in err_bytes, err_bytes
+
     # A run that has ended takes no more messages (as the API answers 409).
     code, _, err = await nerve("signal", done["run_id"], "x", "{}", *d, check=False)
     assert code == 2 and "is completed already; a signal would change nothing" in err

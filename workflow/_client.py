@@ -61,6 +61,9 @@ class RunSummary:
     steps: int = 0
     events: int = 0
     waiting_for: list[str] = field(default_factory=list)
+    # The approvals the run waits for: {"index", "name", "digest"} (the digest of the tool
+    # call each one decides, which a signal must name in ``approves``).
+    approvals: list[dict[str, Any]] = field(default_factory=list)
     blocked: dict[str, Any] | None = None
     segments: int = 1
 
@@ -77,11 +80,14 @@ def summarize(events: list[Event]) -> RunSummary:
     s = RunSummary(first.run_id, first.tenant, first.workflow, first.version, "running",
                    first.at, events=len(events))
     waits: dict[int, str] = {}
+    approves: dict[int, str] = {}
     for ev in events[1:]:
         if isinstance(ev, StepScheduled):
             s.steps += 1
             if ev.kind == "signal":
                 waits[ev.index] = ev.name
+                if isinstance(ev.args, dict) and ev.args.get("approves"):
+                    approves[ev.index] = str(ev.args["approves"])
         elif isinstance(ev, SignalReceived) and ev.delivered_to is not None:
             waits.pop(ev.delivered_to, None)
         elif isinstance(ev, SignalTimedOut | StepCompleted) or (
@@ -103,6 +109,8 @@ def summarize(events: list[Event]) -> RunSummary:
         elif isinstance(ev, RunCancelled):
             s.status, s.ended_at = "cancelled", ev.at
     s.waiting_for = sorted(set(waits.values()))
+    s.approvals = [{"index": i, "name": waits[i], "digest": d}
+                   for i, d in sorted(approves.items()) if i in waits]
     if s.status == "running" and s.waiting_for:
         s.status = "waiting"
     return s
