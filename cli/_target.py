@@ -58,12 +58,16 @@ def resolve_url(args: argparse.Namespace) -> tuple[str, str]:
     return state["nats_url"], args.prefix or state.get("prefix", prefix)
 
 
-async def connect_target(args: argparse.Namespace, name: str = "nerve-cli") -> Bus:
+async def connect_target(args: argparse.Namespace, name: str = "nerve-cli",
+                         check_jetstream: bool = True) -> Bus:
+    """The NATS of ``--nats-url`` / ``--data-dir``; with JetStream, unless told not to check
+    (a caller that provisions next checks it there)."""
     url, prefix = resolve_url(args)
     bus = await connect(ConnectOptions.from_env(url, prefix=prefix, name=name))
-    try:
-        await bus.require_jetstream()
-    except BusError:
-        await bus.close()
-        raise
+    if check_jetstream:
+        try:
+            await bus.require_jetstream()
+        except BusError:
+            await bus.close()
+            raise
     return bus

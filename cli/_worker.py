@@ -93,7 +93,7 @@ async def worker_main(args: argparse.Namespace) -> int:
     ident = args.id or f"{args.role}-{socket.gethostname()}".replace(".", "-")
     tracing = configure_tracing(f"nerve-{args.role}")
     runner = load_role(args.role)
-    bus: Bus = await connect_target(args, name=f"nerve-{ident}")
+    bus: Bus = await connect_target(args, name=f"nerve-{ident}", check_jetstream=False)
     await provision(bus)
     opts = RoleOptions(id=ident, data_dir=args.data_dir, settings=parse_settings(args.set))
     status = RoleStatus(args.role, ident)
