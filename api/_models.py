@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
+from workflow import ApprovalPayload  # the agent's contract; listed here for the OpenAPI
+
 _ID = r"^[A-Za-z0-9_\-]{1,128}$"
 RunStatus = Literal["running", "waiting", "paused", "blocked", "completed", "failed",
                     "cancelled"]
@@ -51,11 +53,6 @@ class SignalBody(_Body):
     approves: str | None = Field(default=None, pattern=r"^[0-9a-f]{8,64}$")
     signal_id: str | None = Field(default=None, pattern=_ID,
                                   description="idempotency: the same id twice counts once")
-
-
-class ApprovalPayload(_Body):
-    approved: StrictBool  # "yes" or 1 is not a decision a person made
-    reason: str | None = Field(default=None, max_length=2000)
 
 
 class CancelBody(_Body):

@@ -157,17 +157,19 @@ class EmbeddedNats:
             ) from None
         return store, run_dir
 
-    async def _lock_store(self, run_dir: Path) -> None:
-        """Two servers writing one store corrupt it. Waits ``lock_wait`` seconds for one
-        that is still shutting down (its owner was just killed) before giving up."""
+    async def _lock_store(self, run_dir: Path) -> int:
+        """The store's lock (its descriptor). Two servers writing one store corrupt it:
+        waits ``lock_wait`` seconds for one that is still shutting down (its owner was
+        just killed) before giving up."""
         if self._lock is None:
             self._lock = PidLock(run_dir / "store.lock")
-        if not await self._lock.acquire(self.config.lock_wait):
+        if not await self._lock.acquire(self.config.lock_wait) or self._lock.fd is None:
             raise NatsServerStartError(
                 f"the NATS store {self.config.store_dir} is in use by another nerve (pid "
                 f"{self._lock.holder()}), for instance a `nerve up` with the same "
                 f"--data-dir; stop it, or use another directory",
                 store=str(self.config.store_dir))
+        return self._lock.fd
 
     def _unlock_store(self) -> None:
         if self._lock is not None:
@@ -198,8 +200,7 @@ class EmbeddedNats:
             raise NatsServerStartError("the embedded nats-server is already running")
         binary = find_nats_server()
         store, run_dir = self._prepare_dirs()
-        await self._lock_store(run_dir)
-        assert self._lock is not None and self._lock.fd is not None
+        lock_fd = await self._lock_store(run_dir)
         conf = run_dir / "nats-server.conf"
         conf.write_text(self._render_config(store, run_dir))
         t0 = time.perf_counter()
@@ -216,7 +217,7 @@ class EmbeddedNats:
             start_new_session=True,
             # The server holds the store's lock too: it stays locked until the server
             # has exited, even if the process that started it died first.
-            pass_fds=(self._lock.fd,),
+            pass_fds=(lock_fd,),
         )
         loop = asyncio.get_running_loop()
         self._exit = loop.create_future()

@@ -10,13 +10,14 @@ import time
 from typing import Any
 
 from nats.js.errors import NotFoundError
+from pydantic import ValidationError
 
 from actors import new_id, run
 from cli._target import add_target_args, connect_target
 from cli._worker import import_workflow_modules
 from nerve import ConfigError, Conflict, RunNotFound, TaskRejected, WorkflowError
 from persistence import RunHistory
-from workflow import NerveClient, RunSummary, replay_run, summarize
+from workflow import ApprovalPayload, NerveClient, RunSummary, replay_run, summarize
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -263,9 +264,11 @@ async def _signal(args: argparse.Namespace) -> int:
         if args.name == "approval" or args.approves:
             # Checked here as the API checks it: the run would only record a rejection.
             pending = [a["digest"] for a in summary.approvals if a["name"] == args.name]
-            if not isinstance(payload, dict) or not isinstance(payload.get("approved"), bool):
+            try:
+                payload = ApprovalPayload.model_validate(payload).model_dump(exclude_none=True)
+            except ValidationError:
                 raise ConfigError('an approval\'s payload is {"approved": true|false, '
-                                  '"reason"?: text}')
+                                  '"reason"?: text}') from None
             if args.approves not in pending:
                 raise Conflict(f"run {args.run_id} has no pending approval "
                                f"{args.approves or '(no --approves given)'} named "

@@ -35,6 +35,7 @@ PUBLIC = {
                    "Strategy", "Supervisor", "SupervisorEvent", "bus_event_sink",
                    "lease_entries", "watch_leases"],
     "workflow": ["ActivityContext", "ActivityRegistry", "ActivityWorker", "AgentInput",
+                 "ApprovalPayload",
                  "DEFAULT_POLICIES", "InstanceState", "NerveClient", "Orchestrator",
                  "ReplayReport", "RetryPolicy", "RunContext", "RunRecord", "RunSummary",
                  "SandboxSteps", "Signal", "WorkflowDefinition", "WorkflowInstance",

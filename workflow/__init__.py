@@ -1,7 +1,7 @@
 """The state: the durable workflow engine, the orchestrator, activities and the agent loop."""
 
 from workflow._activity import ActivityContext, ActivityWorker
-from workflow._agent import AgentInput, call_digest
+from workflow._agent import AgentInput, ApprovalPayload, call_digest
 from workflow._client import NerveClient, RunSummary, summarize
 from workflow._context import RunContext, SandboxSteps
 from workflow._definition import (
@@ -32,6 +32,7 @@ __all__ = [
     "ActivityRegistry",
     "ActivityWorker",
     "AgentInput",
+    "ApprovalPayload",
     "InstanceState",
     "NerveClient",
     "Orchestrator",

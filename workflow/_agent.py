@@ -17,7 +17,7 @@ import collections
 import json
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from gateway_actor import LLMRequest, Message, ToolResultBlock, ToolSpec, ToolUseBlock
 from nerve import StepError
@@ -51,6 +51,16 @@ SANDBOX_TOOLS: dict[str, ToolSpec] = {
 
 MAX_TOOL_OUTPUT = 16_000
 REPEAT_LIMIT = 3
+
+
+class ApprovalPayload(BaseModel):
+    """What a person sends to decide a tool call that ``requires_approval`` (the payload of
+    the ``approval`` signal, bound to the call by its digest in ``approves``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    approved: StrictBool  # "yes" or 1 is not a decision a person made
+    reason: str | None = Field(default=None, max_length=2000)
 
 
 class AgentInput(BaseModel):
@@ -180,4 +190,4 @@ async def agent(ctx: RunContext, inp: AgentInput) -> dict[str, Any]:
     return finish("max_turns", inp.max_turns)
 
 
-__all__ = ["SANDBOX_TOOLS", "AgentInput", "agent", "call_digest"]
+__all__ = ["SANDBOX_TOOLS", "AgentInput", "ApprovalPayload", "agent", "call_digest"]
