@@ -46,7 +46,6 @@ from persistence import (
 )
 
 PROJECTIONS = ("runs", "steps", "approvals", "spend")
-TERMINAL = ("completed", "failed", "cancelled")
 TASK_EXCERPT = 500
 
 

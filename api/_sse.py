@@ -37,7 +37,7 @@ from actors import cancel_and_wait
 from api._appkeys import SERVICES
 from api._http import principal, query_bool
 from api._services import Services
-from api._tail import TERMINAL_STATUSES, Frame, RunTail, direct_batch
+from api._tail import Frame, RunTail, direct_batch
 from nerve._errors import CodecError, HistoryError, InvalidRequest, Overloaded
 from persistence import TERMINAL_TYPES, decode_record
 
@@ -253,4 +253,4 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
             del svc.streams_by_tenant[tenant]
         svc.tails.release(tail)
 
-__all__ = ["TERMINAL_STATUSES", "stream_events"]
+__all__ = ["stream_events"]

@@ -40,10 +40,9 @@ from actors import decode, stop_task
 from bus import Bus
 from nerve._errors import CodecError, HistoryError, Overloaded
 from persistence import StreamEvent
+from workflow import ENDED_STATUSES
 
 log = logging.getLogger("nerve.api.tail")
-
-TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +65,7 @@ def render(seq: int, data: bytes) -> Frame:
     body = json.dumps({"type": ev.type, "run_id": ev.run_id, "at": ev.at, "data": ev.data},
                       separators=(",", ":"), default=str, ensure_ascii=False)
     terminal = None
-    if ev.type == "status" and ev.data.get("status") in TERMINAL_STATUSES:
+    if ev.type == "status" and ev.data.get("status") in ENDED_STATUSES:
         terminal = str(ev.data["status"])
     return Frame(seq, ev.type, f"id: {seq}\nevent: {ev.type}\ndata: {body}\n\n".encode(),
                  terminal)
@@ -280,4 +279,4 @@ class Tails:
         self._tails.clear()
 
 
-__all__ = ["TERMINAL_STATUSES", "Frame", "RunTail", "Tails", "direct_batch", "render"]
+__all__ = ["Frame", "RunTail", "Tails", "direct_batch", "render"]

@@ -17,7 +17,7 @@ from cli._target import add_target_args, connect_target
 from cli._worker import import_workflow_modules
 from nerve import ConfigError, Conflict, RunNotFound, TaskRejected, WorkflowError
 from persistence import RunHistory
-from workflow import ApprovalPayload, NerveClient, RunSummary, replay_run, summarize
+from workflow import ENDED_STATUSES, ApprovalPayload, NerveClient, RunSummary, replay_run, summarize
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -122,9 +122,8 @@ async def _run(args: argparse.Namespace) -> int:
             raise TaskRejected(f"the task was rejected: {exc.message}", run_id=run_id) from None
         if args.follow:
             await _follow(bus, run_id)
-        left = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
-            summary = await client.wait(run_id, timeout=left)
+            summary = await _wait_telling_blocks(client, run_id, deadline)
         except WorkflowError:
             raise WorkflowError(f"run {run_id} did not end within --timeout {args.timeout}s "
                                 f"(it goes on: nerve show {run_id})", run_id=run_id) from None
@@ -136,6 +135,28 @@ async def _run(args: argparse.Namespace) -> int:
         return 0 if summary.status == "completed" else 1
     finally:
         await bus.close()
+
+
+def _blocked_notice(run_id: str, reason: str) -> str:
+    return (f"run {run_id} is blocked: {reason}\n"
+            f"  It resumes by itself when an orchestrator whose code replays its history takes "
+            f"it over: deploy the fix and restart the orchestrators (`nerve replay {run_id} "
+            f"--workflows MODULE` checks a fix first). Until then it waits; nothing is lost.")
+
+
+async def _wait_telling_blocks(client: NerveClient, run_id: str,
+                               deadline: float | None) -> RunSummary:
+    """Wait for the run to end; say so (on stderr) when it blocks, which can last for days."""
+    told = ""
+    while True:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        statuses = ENDED_STATUSES if told else (*ENDED_STATUSES, "blocked")
+        summary = await client.wait(run_id, timeout=left, statuses=statuses)
+        if summary.status != "blocked":
+            return summary
+        told = (summary.blocked or {}).get("reason", "")
+        print(_blocked_notice(run_id, told) + " Still waiting (Ctrl-C stops the waiting, "
+              "not the run).", file=sys.stderr, flush=True)
 
 
 async def _follow(bus, run_id: str) -> None:
@@ -160,10 +181,13 @@ async def _follow(bus, run_id: str) -> None:
                     sys.stdout.write(f"\n[the model's stream restarted]\n{text}")
                 shown[step] = text
                 sys.stdout.flush()
+            elif ev.type == "status" and ev.data.get("status") == "blocked":
+                # Not the end: the run goes on once fixed code takes it over.
+                print(f"\n[blocked] {_blocked_notice(run_id, ev.data.get('reason', ''))} "
+                      "Still following.", flush=True)
             else:
                 print(f"\n[{ev.type}] {json.dumps(ev.data, default=str)[:400]}", flush=True)
-            if ev.type == "status" and ev.data.get("status") in (
-                    "completed", "failed", "cancelled", "blocked"):
+            if ev.type == "status" and ev.data.get("status") in ENDED_STATUSES:
                 return
     finally:
         await sub.unsubscribe()
@@ -242,6 +266,8 @@ async def _show(args: argparse.Namespace) -> int:
             print(f"waiting for approval {a['digest']} (step {a['index']}; `nerve logs "
                   f"{s.run_id}` shows the tool call); decide with:\n  nerve signal "
                   f"{s.run_id} {a['name']} '{{\"approved\": true}}' --approves {a['digest']}")
+        if s.blocked is not None:
+            print(_blocked_notice(s.run_id, s.blocked.get("reason", "")))
         return 0
     finally:
         await bus.close()

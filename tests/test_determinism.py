@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bus import Bus
+from bus import Bus, EmbeddedNats
 from nerve import NondeterminismError
 from persistence import RunBlocked
 from tests.golden import workflows as golden
@@ -152,3 +155,63 @@ async def test_changed_code_under_a_running_history_blocks_the_run_visibly(bus: 
         ("marker", "patched"), ("step_scheduled", "activity")]
     await o3.stop()
     await worker.stop()
+
+
+async def test_the_cli_says_when_a_run_it_waits_for_blocks_and_goes_on_waiting(
+        bus: Bus, nats_server: EmbeddedNats, prefix: str) -> None:
+    """`nerve run --wait/--follow` on a run that blocks: told why and how it resumes, and
+    still there to report the end once fixed code takes the run over."""
+    worker = ActivityWorker(live_acts)
+    await worker.start(bus)
+    o1 = Orchestrator(bus, "o-v1", registry=evolving_registry("v1"), host_ttl=1)
+    await o1.start()
+    target = ["--nats-url", nats_server.url, "--prefix", prefix]
+    procs = [await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cli", "run", "x", "--workflow", "evolving", "--input", "{}",
+        "--tenant", "acme", mode, "--json", *target,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        for mode in ("--wait", "--follow")]
+    client = NerveClient(bus)
+    try:
+        run_ids: list[str] = []
+        while len(run_ids) < 2:  # both submitted and waiting for the signal
+            await asyncio.sleep(0.2)
+            run_ids = [r for r in await _run_ids(bus) if (await client.summary(r)).status
+                       == "waiting"]
+        await o1.stop()
+        o2 = Orchestrator(bus, "o-broken", registry=evolving_registry("broken"), host_ttl=1)
+        await o2.start()
+        for run_id in run_ids:
+            await client.wait(run_id, timeout=20, statuses=("blocked",))
+        await asyncio.sleep(1.0)  # time for the CLIs to see it (and, before the fix, to quit)
+        assert all(p.returncode is None for p in procs), "a CLI stopped at the block"
+        await o2.stop()
+        o3 = Orchestrator(bus, "o-patched", registry=evolving_registry("patched"), host_ttl=1)
+        await o3.start()
+        for run_id in run_ids:
+            await client.wait(run_id, timeout=20, statuses=("waiting",))
+            await client.signal(run_id, "go", 10)
+        outputs = [[b.decode() for b in await asyncio.wait_for(p.communicate(), 30)]
+                   for p in procs]
+        await o3.stop()
+    finally:
+        for p in procs:
+            if p.returncode is None:
+                p.kill()
+        await worker.stop()
+    (wait_out, wait_err), (follow_out, _) = outputs
+    assert [p.returncode for p in procs] == [0, 0]
+    assert json.loads(wait_out)["result"] == {"a": 2, "b": 13, "variant": "patched"}
+    assert "is blocked: run" in wait_err and "ctx.patched" in wait_err
+    assert "Still waiting" in wait_err and "nerve replay" in wait_err
+    # --follow shows the block in the stream, then the resumed run to its end.
+    blocked_at = follow_out.index("[blocked]")
+    assert "Still following" in follow_out
+    assert '"status": "completed"' in follow_out[blocked_at:]
+    assert json.loads(follow_out.strip().splitlines()[-1])["status"] == "completed"
+
+
+async def _run_ids(bus: Bus) -> list[str]:
+    info = await bus.js.stream_info(bus.names.runs_stream,
+                                    subjects_filter=bus.names.history("*"))
+    return [s.split(".")[-2] for s in (info.state.subjects or {})]

@@ -2,7 +2,7 @@
 
 from workflow._activity import ActivityContext, ActivityWorker
 from workflow._agent import AgentInput, ApprovalPayload, call_digest
-from workflow._client import NerveClient, RunSummary, summarize
+from workflow._client import ENDED_STATUSES, NerveClient, RunSummary, summarize
 from workflow._context import RunContext, SandboxSteps
 from workflow._definition import (
     ActivityRegistry,
@@ -28,6 +28,7 @@ from workflow._replay import (
 
 __all__ = [
     "DEFAULT_POLICIES",
+    "ENDED_STATUSES",
     "ActivityContext",
     "ActivityRegistry",
     "ActivityWorker",

@@ -42,7 +42,8 @@ from persistence import (
     TaskRequest,
 )
 
-TERMINAL = ("completed", "failed", "cancelled")
+# The statuses of a run that has ended: nothing more happens to it.
+ENDED_STATUSES = ("completed", "failed", "cancelled")
 
 
 @dataclass(slots=True)
@@ -69,7 +70,7 @@ class RunSummary:
 
     @property
     def done(self) -> bool:
-        return self.status in TERMINAL
+        return self.status in ENDED_STATUSES
 
 
 def summarize(events: list[Event]) -> RunSummary:
@@ -235,7 +236,7 @@ class NerveClient:
         return summarize(await self.history(run_id))
 
     async def wait(self, run_id: str, timeout: float | None = None,
-                   statuses: tuple[str, ...] = TERMINAL) -> RunSummary:
+                   statuses: tuple[str, ...] = ENDED_STATUSES) -> RunSummary:
         """Wait until the run reaches one of ``statuses`` (by default: it ended)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         # Re-read the history when the run publishes a status change (live), and every few
