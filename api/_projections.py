@@ -42,6 +42,7 @@ from persistence import (
     StepFailed,
     StepScheduled,
     TimerFired,
+    WaitAbandoned,
     args_digest,
 )
 
@@ -99,7 +100,7 @@ class StepRow:
     idx: int
     kind: str
     name: str
-    status: str  # scheduled | retrying | completed | failed | timed_out
+    status: str  # scheduled | retrying | completed | failed | timed_out | abandoned
     attempt: int = 1
     scheduled_at: float | None = None
     ended_at: float | None = None
@@ -214,7 +215,8 @@ def keys_of(records: list[Record]) -> Keys:
 
 
 def _step_index(ev: Event) -> int | None:
-    if isinstance(ev, StepScheduled | StepCompleted | StepFailed | TimerFired | SignalTimedOut):
+    if isinstance(ev, StepScheduled | StepCompleted | StepFailed | TimerFired | SignalTimedOut
+                  | WaitAbandoned):
         return ev.index
     if isinstance(ev, SignalReceived):
         return ev.delivered_to
@@ -309,7 +311,7 @@ def _fold_run(run: RunRow, ev: Event) -> None:
     elif isinstance(ev, SignalReceived):
         if ev.delivered_to is not None:
             run.waits.pop(str(ev.delivered_to), None)
-    elif isinstance(ev, SignalTimedOut | StepCompleted) or (
+    elif isinstance(ev, SignalTimedOut | StepCompleted | WaitAbandoned) or (
             isinstance(ev, StepFailed) and ev.final):
         run.waits.pop(str(ev.index), None)
         if isinstance(ev, StepCompleted) and ev.kind == "llm":
@@ -337,6 +339,8 @@ def _fold_run(run: RunRow, ev: Event) -> None:
         run.phase, run.error, run.ended_at = "failed", ev.error, ev.at
     elif isinstance(ev, RunCancelled):
         run.phase, run.ended_at = "cancelled", ev.at
+    if isinstance(ev, RunCompleted | RunFailed | RunCancelled):
+        run.waits.clear()  # an ended run waits for nothing, whatever its code left open
 
 
 def _fold_step(batch: Batch, run_id: str, ev: Event) -> None:
@@ -353,8 +357,8 @@ def _fold_step(batch: Batch, run_id: str, ev: Event) -> None:
         else:
             row.status, row.attempt = "scheduled", ev.attempt
     elif row is None:
-        kind = getattr(ev, "kind", "signal" if isinstance(ev, SignalReceived | SignalTimedOut)
-                       else "timer")
+        kind = getattr(ev, "kind", "signal" if isinstance(
+            ev, SignalReceived | SignalTimedOut | WaitAbandoned) else "timer")
         name = getattr(ev, "name", "")
         row = StepRow(run_id, index, kind, name, "scheduled")
         batch.steps[key] = row
@@ -374,6 +378,8 @@ def _fold_step(batch: Batch, run_id: str, ev: Event) -> None:
         row.status, row.ended_at = "completed", ev.at
     elif isinstance(ev, SignalTimedOut):
         row.status, row.ended_at = "timed_out", ev.at
+    elif isinstance(ev, WaitAbandoned):
+        row.status, row.ended_at = "abandoned", ev.at
     batch.changed_steps.add(key)
 
 
@@ -399,13 +405,15 @@ def _fold_approval(batch: Batch, run_id: str, ev: Event) -> None:
             deadline=ev.deadline))
         batch.changed_approvals.add((run_id, ev.index))
         return
-    if isinstance(ev, SignalReceived | SignalTimedOut):
+    if isinstance(ev, SignalReceived | SignalTimedOut | WaitAbandoned):
         index = ev.delivered_to if isinstance(ev, SignalReceived) else ev.index
         row = batch.approvals.get((run_id, index)) if index is not None else None
         if row is None or row.status != "pending":
             return
         if isinstance(ev, SignalTimedOut):
             row.status = "timed_out"
+        elif isinstance(ev, WaitAbandoned):
+            row.status = "expired"  # the code stopped waiting: no decision counts any more
         else:
             payload = ev.payload if isinstance(ev.payload, dict) else {}
             row.status = "approved" if payload.get("approved") is True else "rejected"

@@ -26,6 +26,7 @@ from persistence._events import (
     StepKind,
     StepScheduled,
     TimerFired,
+    WaitAbandoned,
     args_digest,
 )
 from persistence._group_commit import GroupCommit
@@ -86,6 +87,7 @@ __all__ = [
     "StreamEventType",
     "TaskRequest",
     "TimerFired",
+    "WaitAbandoned",
     "args_digest",
     "decode_record",
     "direct_get_subject",

@@ -155,6 +155,15 @@ class SignalTimedOut(_Event):
     default: Any = None
 
 
+class WaitAbandoned(_Event):
+    """The code stopped waiting for a signal (an ``asyncio.wait_for`` or ``asyncio.timeout``
+    around ``ctx.wait_signal`` gave up): a later signal goes to the next wait, not this one."""
+
+    type: Literal["wait_abandoned"] = "wait_abandoned"
+    index: int
+    name: str
+
+
 class CancelRequested(_Event):
     type: Literal["cancel_requested"] = "cancel_requested"
     reason: str = ""
@@ -233,7 +242,8 @@ class SandboxRestored(_Event):
 
 Event = Annotated[
     RunStarted | OwnerChanged | StepScheduled | StepCompleted | StepFailed | MarkerRecorded
-    | TimerFired | SignalReceived | SignalRejected | SignalTimedOut | CancelRequested
+    | TimerFired | SignalReceived | SignalRejected | SignalTimedOut | WaitAbandoned
+    | CancelRequested
     | RunCompleted | RunFailed | RunCancelled | RunContinued | RunBlocked | RunPaused
     | RunResumed
     | SandboxLost | SandboxRestored,

@@ -30,6 +30,7 @@ PUBLIC = {
                     "SignalRejected", "SignalTimedOut", "SnapshotInfo", "SnapshotStore",
                     "StepCompleted", "StepFailed", "StepKind", "StepScheduled", "StreamEvent",
                     "StreamEventType", "TERMINAL_TYPES", "TaskRequest", "TimerFired",
+                    "WaitAbandoned",
                     "args_digest", "decode_record", "direct_get_subject", "encode_record"],
     "supervisor": ["ChildSpec", "Lease", "LeaseChange", "LeaseRecord", "OsProcess", "Restart",
                    "Strategy", "Supervisor", "SupervisorEvent", "bus_event_sink",

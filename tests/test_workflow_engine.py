@@ -20,6 +20,7 @@ from persistence import (
     StepFailed,
     StepScheduled,
     TimerFired,
+    WaitAbandoned,
 )
 from workflow import (
     ActivityContext,
@@ -170,6 +171,48 @@ async def test_first_of_signal_or_timeout_wins_and_late_signals_are_rejected(
     # never delivered; alice's duplicate is not recorded twice.
     ids = [e.signal_id for e in events if isinstance(e, SignalReceived | SignalRejected)]
     assert ids.count(first) == 1
+
+
+@wf.register(name="gives_up")
+async def gives_up(ctx: RunContext, inp: dict[str, Any]) -> Any:
+    try:
+        first = (await asyncio.wait_for(ctx.wait_signal("approve"), 0.3)).value
+    except TimeoutError:
+        first = "gave up"
+    second = await ctx.wait_signal("approve", timeout=60, default="no signal")
+    return {"first": first, "second": second.value}
+
+
+async def test_a_signal_goes_to_the_open_wait_not_to_one_the_code_gave_up_on(bus: Bus) -> None:
+    """``wait_for`` around ``wait_signal`` gives up on the wait: the history says so, and
+    the next signal of that name resolves the wait that is open, across a takeover too."""
+    client = NerveClient(bus)
+    first = Orchestrator(bus, "abandon-a", registry=wf, host_ttl=1)
+    await first.start()
+    run_id = await client.submit("acme", workflow="gives_up", input={})
+    await client.wait(run_id, timeout=20, statuses=("waiting",))
+    async with asyncio.timeout(20):
+        while not [e for e in await client.history(run_id) if isinstance(e, WaitAbandoned)]:
+            await asyncio.sleep(0.05)
+    summary = await client.summary(run_id)
+    assert summary.status == "waiting" and summary.waiting_for == ["approve"]
+    await first.stop()
+    second = Orchestrator(bus, "abandon-b", registry=wf, host_ttl=1)
+    await second.start()
+    async with asyncio.timeout(20):
+        while run_id not in second.drivers or second.drivers[run_id].instance is None:
+            await asyncio.sleep(0.02)
+    await client.signal(run_id, "approve", "yes", sender="alice")
+    summary = await client.wait(run_id, timeout=20)
+    await second.stop()
+    assert summary.result == {"first": "gave up", "second": "yes"}
+    events = await client.history(run_id)
+    abandoned = [e for e in events if isinstance(e, WaitAbandoned)]
+    delivered = [e.delivered_to for e in events if isinstance(e, SignalReceived)]
+    # Step 0 is the wait_for's timer (armed before its awaitable starts), 1 the wait it
+    # gave up on, 2 the open one.
+    assert [(e.index, e.name) for e in abandoned] == [(1, "approve")]
+    assert delivered == [2]
 
 
 async def test_markers_and_completed_steps_are_in_the_history(

@@ -40,6 +40,7 @@ from persistence import (
     StepScheduled,
     StreamEvent,
     TaskRequest,
+    WaitAbandoned,
 )
 
 # The statuses of a run that has ended: nothing more happens to it.
@@ -91,7 +92,7 @@ def summarize(events: list[Event]) -> RunSummary:
                     approves[ev.index] = str(ev.args["approves"])
         elif isinstance(ev, SignalReceived) and ev.delivered_to is not None:
             waits.pop(ev.delivered_to, None)
-        elif isinstance(ev, SignalTimedOut | StepCompleted) or (
+        elif isinstance(ev, SignalTimedOut | StepCompleted | WaitAbandoned) or (
                 isinstance(ev, StepFailed) and ev.final):
             waits.pop(ev.index, None)
         elif isinstance(ev, RunContinued):
@@ -109,6 +110,8 @@ def summarize(events: list[Event]) -> RunSummary:
             s.status, s.error, s.ended_at = "failed", ev.error, ev.at
         elif isinstance(ev, RunCancelled):
             s.status, s.ended_at = "cancelled", ev.at
+    if s.done:
+        waits.clear()  # an ended run waits for nothing, whatever its code left open
     s.waiting_for = sorted(set(waits.values()))
     s.approvals = [{"index": i, "name": waits[i], "digest": d}
                    for i, d in sorted(approves.items()) if i in waits]

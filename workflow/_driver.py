@@ -59,6 +59,7 @@ from persistence import (
     StepScheduled,
     StreamEvent,
     TimerFired,
+    WaitAbandoned,
     direct_get_subject,
 )
 from workflow._chaos import crash_point
@@ -354,7 +355,8 @@ class RunDriver:
 
     # -- the state the history implies ---------------------------------------------------------
     def _track(self, event: Event) -> None:
-        if isinstance(event, StepFailed | StepCompleted | TimerFired | SignalTimedOut) or (
+        if isinstance(event, StepFailed | StepCompleted | TimerFired | SignalTimedOut
+                      | WaitAbandoned) or (
                 isinstance(event, SignalReceived) and event.delivered_to is not None):
             index = event.delivered_to if isinstance(event, SignalReceived) else event.index
             op = self._open.get(index)
@@ -376,6 +378,8 @@ class RunDriver:
         elif isinstance(event, SignalTimedOut):
             self._close(event.index)
             self._timed_out_names.add(event.name)
+        elif isinstance(event, WaitAbandoned):
+            self._close(event.index)
         elif isinstance(event, SignalReceived):
             if event.signal_id:
                 self._signals_seen.add(event.signal_id)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import logging
 import time
 import traceback
@@ -45,6 +46,7 @@ from persistence import (
     StepScheduled,
     StreamEvent,
     TimerFired,
+    WaitAbandoned,
     args_digest,
 )
 from workflow._loop import WorkflowLoop
@@ -149,6 +151,7 @@ class WorkflowInstance:
         self._commands: list[Command] = []
         self._emits: list[StreamEvent] = []
         self._main: asyncio.Task[Any] | None = None
+        self._cancel: CancelRequested | None = None
         self._pending_history = 0
         self._recorded: dict[int, _Recorded] = {}
         self._recorded_end: Event | None = None
@@ -229,6 +232,7 @@ class WorkflowInstance:
             self._resolve(event.index, lambda f: f.set_result(sig))
         elif isinstance(event, CancelRequested):
             if self._main is not None and not self._main.done():
+                self._cancel = event
                 self._main.cancel(event.reason or "cancelled")
                 self._run()
         elif isinstance(event, RunCompleted | RunFailed | RunCancelled | RunContinued):
@@ -259,7 +263,9 @@ class WorkflowInstance:
         end: Event
         if main.cancelled():
             self.state = InstanceState.CANCELLED
-            end = RunCancelled(reason="cancelled", at=self._stamp())
+            cancel = self._cancel or CancelRequested()
+            end = RunCancelled(reason=cancel.reason or "cancelled", by=cancel.by,
+                               at=self._stamp())
         elif isinstance(exc := main.exception(), ContinueAsNew):
             self.state = InstanceState.CONTINUED
             self.continued_with = exc.input
@@ -330,6 +336,8 @@ class WorkflowInstance:
             deadline = None if deadline_in is None else self.wall_clock() + deadline_in
             fresh = True
         self._futures[index] = fut
+        if kind == "signal":
+            fut.add_done_callback(functools.partial(self._on_wait_done, index, name))
         command = Command(index, kind, name, args, digest, deadline, policy, subject, meta or {})
         if fresh:
             recorded_args = args if _small(args) else None
@@ -340,6 +348,15 @@ class WorkflowInstance:
         # re-arm (timers, waits) or re-dispatch if their result never came.
         self._commands.append(command)
         return fut
+
+    def _on_wait_done(self, index: int, name: str, fut: asyncio.Future[Any]) -> None:
+        # Only the code giving up on a wait counts: not the run being cancelled, and not a
+        # replay (the history has the event already, or predates it).
+        if (not fut.cancelled() or self._cancel is not None or self._replaying
+                or self.state is not InstanceState.RUNNING):
+            return
+        self._futures.pop(index, None)
+        self._events.append(WaitAbandoned(index=index, name=name, at=self._stamp()))
 
     def marker(self, kind: str, name: str, live_value: Callable[[], Any]) -> Any:
         """A recorded value: the history's on replay, ``live_value()`` (recorded) otherwise."""
