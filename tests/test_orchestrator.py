@@ -162,7 +162,9 @@ async def test_cancel_stops_a_waiting_run(engine: NerveClient, bus: Bus) -> None
     await engine.cancel(run_id, "no longer needed", by="ops")
     summary = await engine.wait(run_id, timeout=20)
     assert summary.status == "cancelled"
-    assert isinstance((await engine.history(run_id))[-1], RunCancelled)
+    end = (await engine.history(run_id))[-1]
+    assert isinstance(end, RunCancelled)
+    assert (end.reason, end.by) == ("no longer needed", "ops")  # why, and who asked
 
 
 async def test_many_runs_at_once_in_one_orchestrator(engine: NerveClient) -> None:
