@@ -141,7 +141,8 @@ def _blocked_notice(run_id: str, reason: str) -> str:
     return (f"run {run_id} is blocked: {reason}\n"
             f"  It resumes by itself when an orchestrator whose code replays its history takes "
             f"it over: deploy the fix and restart the orchestrators (`nerve replay {run_id} "
-            f"--workflows MODULE` checks a fix first). Until then it waits; nothing is lost.")
+            f"--workflows MODULE` checks a fix first). Until then it waits and nothing is lost; "
+            f"`nerve cancel {run_id}` ends it instead.")
 
 
 async def _wait_telling_blocks(client: NerveClient, run_id: str,

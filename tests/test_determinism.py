@@ -157,6 +157,40 @@ async def test_changed_code_under_a_running_history_blocks_the_run_visibly(bus: 
     await worker.stop()
 
 
+async def test_a_blocked_run_can_still_be_cancelled(bus: Bus) -> None:
+    """Its code cannot run, but an operator can end it: a cancel sent while it is blocked,
+    or one sent before (while no orchestrator owned it), is recorded and ends the run."""
+    client = NerveClient(bus)
+    worker = ActivityWorker(live_acts)
+    await worker.start(bus)
+    o1 = Orchestrator(bus, "o-v1", registry=evolving_registry("v1"), host_ttl=1)
+    await o1.start()
+    live, early = [await client.submit("acme", workflow="evolving", input={}) for _ in "ab"]
+    for run_id in (live, early):
+        await client.wait(run_id, timeout=20, statuses=("waiting",))
+    await o1.stop()
+    await client.cancel(early, "sent while nobody owned it", by="ops")
+    o2 = Orchestrator(bus, "o-broken", registry=evolving_registry("broken"), host_ttl=1)
+    await o2.start()
+    try:
+        summary = await client.wait(early, timeout=20)
+        assert summary.status == "cancelled"
+        await client.wait(live, timeout=20, statuses=("blocked",))
+        await client.cancel(live, "this run is beyond repair", by="ops")
+        summary = await client.wait(live, timeout=20)
+        assert summary.status == "cancelled"
+    finally:
+        await o2.stop()
+        await worker.stop()
+    for run_id, reason in ((early, "sent while nobody owned it"),
+                           (live, "this run is beyond repair")):
+        events = await client.history(run_id)
+        assert [e.type for e in events[-3:]] == ["run_blocked", "cancel_requested",
+                                                 "run_cancelled"]
+        assert events[-1].by == "ops" and events[-1].reason.startswith(reason)
+        assert "while blocked" in events[-1].reason
+
+
 async def test_the_cli_says_when_a_run_it_waits_for_blocks_and_goes_on_waiting(
         bus: Bus, nats_server: EmbeddedNats, prefix: str) -> None:
     """`nerve run --wait/--follow` on a run that blocks: told why and how it resumes, and

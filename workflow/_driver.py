@@ -42,6 +42,7 @@ from persistence import (
     PauseMessage,
     ResumeMessage,
     RunBlocked,
+    RunCancelled,
     RunContinued,
     RunHistory,
     RunPaused,
@@ -163,6 +164,7 @@ class RunDriver:
         self._buffered: dict[str, deque[SignalReceived]] = defaultdict(deque)
         self._timed_out_names: set[str] = set()
         self._cancel_requested = False
+        self._cancel_seq = 0  # the inbox message of the recorded CancelRequested
         self._paused = False
         self._deferred: list[_Open] = []
         self._new_commands: list[Command] = []
@@ -191,12 +193,42 @@ class RunDriver:
                         batch.append(self._queue.get_nowait())
                     await self._cycle(batch)
                 await self._on_end()
+            if self.status == "blocked":
+                await self._hold_blocked()
         except StaleWriterError as exc:
             log.warning("run %s: lost ownership (%s); stopping here", self.run_id, exc.message)
             self.status = "lost"
         finally:
             await self._teardown()
             self.finished.set()
+
+    async def _hold_blocked(self) -> None:
+        """Keep a blocked run cancellable. Its code cannot run, so nothing else is done here:
+        signals stay in the inbox for the code that will replay the run."""
+        cancel: tuple[CancelMessage, int | None] | None = None
+        async for seq, data, _headers in direct_get_subject(
+                self.bus, self.names.runs_stream, self.names.inbox(self.run_id),
+                self._cancel_seq):
+            with contextlib.suppress(CodecError):
+                message = decode(data, INBOX_ADAPTER)
+                if isinstance(message, CancelMessage) and cancel is None:
+                    cancel = (message, seq)
+        while cancel is None:
+            item = await self._queue.get()
+            if isinstance(item, _Inbox) and isinstance(item.message, CancelMessage):
+                cancel = (item.message, item.seq)
+        message, seq = cancel
+        reason = message.reason or "cancelled"
+        await self._commit([
+            CancelRequested(reason=message.reason, by=message.by, source_seq=seq),
+            RunCancelled(reason=f"{reason} (while blocked: the workflow code did not run)",
+                         by=message.by)])
+        self.status = "cancelled"
+        log.info("run %s: cancelled while blocked", self.run_id)
+        self._emits.append(StreamEvent(type="status", run_id=self.run_id,
+                                       data={"status": self.status}))
+        await self._flush_outputs()
+        await self.orch.release_run(self.run_id)
 
     async def _teardown(self) -> None:
         for op in self._open.values():
@@ -333,6 +365,7 @@ class RunDriver:
 
     async def _block_once(self, events: list[Event], reason: str, diff: dict[str, Any]) -> None:
         self.status = "blocked"
+        self._new_commands.clear()  # steps the code issued before it diverged stay as they are
         last = events[-1] if events else None
         if not (isinstance(last, RunBlocked) and last.reason == reason):
             await self._commit([RunBlocked(reason=reason, diff=diff)])
@@ -397,6 +430,7 @@ class RunDriver:
                 self._signals_seen.add(event.signal_id)
         elif isinstance(event, CancelRequested):
             self._cancel_requested = True
+            self._cancel_seq = event.source_seq or 0
         elif isinstance(event, RunPaused):
             self._paused = True
         elif isinstance(event, RunResumed):
