@@ -15,6 +15,7 @@ import nats
 import pytest
 
 from bus import Bus, EmbeddedNats
+from nerve import TaskRejected
 from persistence import RunCancelled, RunHistory, TimerFired
 from workflow import (
     ActivityContext,
@@ -154,6 +155,21 @@ async def test_bad_tasks_are_rejected_with_a_reason(engine: NerveClient, bus: Bu
     await nc.close()
     [run_id] = await wait_for_runs(bus, "badtasks", 1)
     assert (await engine.wait(run_id, timeout=20)).result == "STILL ALIVE"
+
+
+async def test_a_rejected_task_can_be_sent_again_corrected_under_the_same_run_id(
+        engine: NerveClient) -> None:
+    async def submit(workflow: str) -> bool:
+        return await engine.until_started("fixed-later", lambda: engine.submit(
+            "acme", workflow=workflow, input={"seconds": 0.01}, run_id="fixed-later"),
+            timeout=10)
+
+    with pytest.raises(TaskRejected, match="no workflow named 'slwo'"):
+        await submit("slwo")
+    assert await submit("slow")  # the typo fixed: not dropped as a duplicate of the first
+    assert (await engine.wait("fixed-later", timeout=20)).result == "woke"
+    assert await submit("slow")  # sent again: the run it started, not a second one
+    assert len(await RunHistory(engine.bus, "fixed-later").read()) == 4  # one run: its timer
 
 
 async def test_cancel_stops_a_waiting_run(engine: NerveClient, bus: Bus) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -191,9 +192,13 @@ class NerveClient:
         return new_run_id
 
     async def _publish_task(self, tenant: str, request: TaskRequest) -> None:
-        await self._store(self.bus.names.tasks(tenant),
-                          encode_json(request.model_dump(exclude_none=True)),
-                          {"Nats-Msg-Id": f"task:{request.run_id}",
+        body = encode_json(request.model_dump(exclude_none=True))
+        # The same task sent twice is stored once; a different one under the same run id
+        # (a rejected task, corrected) gets through, and the orchestrator starts at most one
+        # run per id whatever it receives.
+        digest = hashlib.sha256(body).hexdigest()[:16]
+        await self._store(self.bus.names.tasks(tenant), body,
+                          {"Nats-Msg-Id": f"task:{request.run_id}:{digest}",
                            "Content-Type": "application/json"})
 
     async def _to_inbox(self, run_id: str, message: Any, msg_id: str) -> None:
