@@ -7,12 +7,20 @@ from actors._mailbox import DeadLetter, Requests, WorkQueue, publish_dead_letter
 from actors._poison import PoisonKeeper
 from actors._tasks import cancel_and_wait, stop_task
 from actors._telemetry import configure_tracing, tracing_enabled
-from actors._work import H_HEARTBEAT, H_NOT_OWNER, StepResult, StepWorker, WorkItem
+from actors._work import (
+    H_HEARTBEAT,
+    H_NOT_OWNER,
+    MAX_RESULT_BYTES,
+    StepResult,
+    StepWorker,
+    WorkItem,
+)
 
 __all__ = [
     "H_HEARTBEAT",
     "H_NOT_OWNER",
     "JSON",
+    "MAX_RESULT_BYTES",
     "MSGPACK",
     "Actor",
     "ActorState",

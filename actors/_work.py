@@ -36,7 +36,7 @@ from actors._codec import encode
 from actors._envelope import Envelope
 from actors._mailbox import WorkQueue
 from bus import StreamLimits, stream_configs
-from nerve import NerveError
+from nerve import NerveError, ResultTooLarge
 
 log = logging.getLogger("nerve.actors.work")
 
@@ -64,6 +64,12 @@ class WorkItem(BaseModel):
     meta: dict[str, Any] = Field(default_factory=dict)
 
 
+# A step's result becomes one event of the run's history, in one NATS message (1 MB by
+# default, shared with the events beside it). Temporal draws its line at 2 MB. Past this a
+# step fails for good, saying why, instead of the server refusing the append forever.
+MAX_RESULT_BYTES = 512 * 1024
+
+
 class StepResult(BaseModel):
     """A worker's answer to a :class:`WorkItem`, sent to the run's inbox."""
 
@@ -78,6 +84,20 @@ class StepResult(BaseModel):
     worker: str = ""
     duration_ms: float = 0.0
     at: float = Field(default_factory=time.time)
+
+    def encoded(self, what: str) -> tuple[StepResult, bytes]:
+        """This result and its encoding; one too big to record (over
+        :data:`MAX_RESULT_BYTES`) becomes a permanent ``ResultTooLarge`` failure of ``what``."""
+        payload = encode(self)
+        if not self.ok or len(payload) <= MAX_RESULT_BYTES:
+            return self, payload
+        error = ResultTooLarge(
+            f"the result of {what} is {len(payload):,} bytes; a step's result is at most "
+            f"{MAX_RESULT_BYTES:,}. Keep big outputs elsewhere (a file in the sandbox, an "
+            f"object store) and return a reference to them", run_id=self.run_id,
+            index=self.index, size=len(payload), limit=MAX_RESULT_BYTES, retryable=False)
+        failed = self.model_copy(update={"ok": False, "result": None, "error": error.to_wire()})
+        return failed, encode(failed)
 
 
 class StepWorker(Actor[WorkItem]):
@@ -218,7 +238,7 @@ class StepWorker(Actor[WorkItem]):
     async def reply(self, item: WorkItem, result: StepResult) -> None:
         """Hand ``result`` to the run's owner; failing that, store it on the durable inbox."""
         assert self.bus is not None
-        payload = encode(result)
+        result, payload = result.encoded(f"step {item.index} ({item.kind} {item.name})")
         if item.result_to:
             try:
                 answer = await self.bus.replies.request(item.result_to, payload,

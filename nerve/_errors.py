@@ -23,7 +23,8 @@
     │   ├── NondeterminismError     replay issued a different step than the history recorded
     │   ├── StepError               a step failed for good (after its retry policy)
     │   ├── RunNotFound             no history for that run id
-    │   └── TaskRejected            a submitted task was invalid or refused
+    │   ├── TaskRejected            a submitted task was invalid or refused
+    │   └── ResultTooLarge          a step's or a run's result is too big for the history
     ├── BudgetError
     │   ├── BudgetExceeded          a reservation does not fit the tenant's limits
     │   ├── TenantKilled            the tenant's kill-switch is on
@@ -205,6 +206,11 @@ class RunNotFound(WorkflowError):
 
 class TaskRejected(WorkflowError):
     """A submitted task is invalid or was refused; ``reason`` says why."""
+
+
+class ResultTooLarge(WorkflowError):
+    """A result is too big to be one history event (``size`` and ``limit`` in bytes): keep
+    big outputs elsewhere (a sandbox file, an object store) and return a reference."""
 
 
 class BudgetError(NerveError):

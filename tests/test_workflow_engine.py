@@ -9,7 +9,9 @@ from typing import Any
 
 import pytest
 
+from actors import MAX_RESULT_BYTES
 from bus import Bus
+from nerve import ConfigError, StepError
 from persistence import (
     MarkerRecorded,
     RunCompleted,
@@ -300,3 +302,75 @@ async def test_local_activities_run_in_the_orchestrator_with_the_same_contract(b
     assert [(f.index, f.attempt, f.final) for f in failed] == [(1, 1, False)]
     assert LOCAL_CALLS[f"{run_id}:1"] == 2 and CALLS[f"{run_id}:0"] == 1
     await orch.stop()
+
+
+@acts.register
+async def huge(actx: ActivityContext, size: int) -> str:
+    return "x" * size
+
+
+@acts.register
+async def stalls(actx: ActivityContext) -> None:
+    await asyncio.sleep(30)
+
+
+@wf.register(name="too_big")
+async def too_big(ctx: RunContext, inp: dict[str, Any]) -> Any:
+    if inp["where"] == "workflow":
+        return "y" * inp["size"]
+    try:
+        await ctx.activity(huge, inp["size"], local=inp["where"] == "local")
+    except StepError as exc:
+        return exc.fields["error"]
+
+
+@wf.register(name="local_timeout")
+async def local_timeout(ctx: RunContext, inp: dict[str, Any]) -> Any:
+    try:
+        await ctx.activity(stalls, local=True, retry=RetryPolicy(max_attempts=1, timeout=0.2))
+    except StepError as exc:
+        return exc.fields["error"]
+
+
+async def test_a_result_too_big_for_the_history_fails_at_once_saying_so(
+        engine: tuple[Orchestrator, NerveClient]) -> None:
+    """Remote, local or the workflow's own: a result over MAX_RESULT_BYTES is a permanent,
+    named failure, not a step retried into timeouts or a run stuck on an append."""
+    orch, client = engine
+    orch.activities = acts
+    size = MAX_RESULT_BYTES + 1
+    for where in ("remote", "local"):
+        run_id = await client.submit("acme", workflow="too_big",
+                                     input={"where": where, "size": size})
+        error = (await client.wait(run_id, timeout=20)).result
+        assert error["type"] == "ResultTooLarge" and error["fields"]["limit"] == size - 1
+        assert "huge" in error["message"] and "return a reference" in error["message"]
+        failed = [e for e in await client.history(run_id) if isinstance(e, StepFailed)]
+        assert [(f.attempt, f.final) for f in failed] == [(1, True)]  # not retried
+    run_id = await client.submit("acme", workflow="too_big",
+                                 input={"where": "workflow", "size": size})
+    summary = await client.wait(run_id, timeout=20)
+    assert summary.status == "failed" and summary.error["type"] == "ResultTooLarge"
+    # Just under the limit is fine.
+    run_id = await client.submit("acme", workflow="too_big",
+                                 input={"where": "remote", "size": MAX_RESULT_BYTES // 2})
+    assert (await client.wait(run_id, timeout=20)).result is None
+
+
+async def test_a_local_activity_that_times_out_says_so(
+        engine: tuple[Orchestrator, NerveClient]) -> None:
+    orch, client = engine
+    orch.activities = acts
+    run_id = await client.submit("acme", workflow="local_timeout", input={})
+    error = (await client.wait(run_id, timeout=20)).result
+    assert error["type"] == "StepTimeout"
+    assert "(local activity stalls) timed out after 0.2s" in error["message"]
+
+
+def test_a_retry_policy_that_cannot_work_is_refused() -> None:
+    with pytest.raises(ConfigError, match="max_attempts is 0"):
+        RetryPolicy(max_attempts=0)
+    with pytest.raises(ConfigError, match="timeout is 0"):
+        RetryPolicy(timeout=0)
+    with pytest.raises(ConfigError, match="initial_interval"):
+        RetryPolicy(initial_interval=-1)

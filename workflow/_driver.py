@@ -797,17 +797,26 @@ class RunDriver:
         actx = ActivityContext(key, self.run_id, self.started.tenant, cmd.index, attempt,
                                cmd.name)
         started = time.perf_counter()
+        limit = asyncio.timeout(policy.timeout)
         try:
             fn = self.orch.activities.get(cmd.name)
-            value = await asyncio.wait_for(call_activity(fn, actx, cmd.args), policy.timeout)
+            async with limit:
+                value = await call_activity(fn, actx, cmd.args)
             result = StepResult(run_id=self.run_id, index=cmd.index, attempt=attempt, key=key,
                                 ok=True, result=value, worker=f"{self.orch.owner_id}:local")
+            result, _ = result.encoded(f"step {cmd.index} (local activity {cmd.name})")
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            wire = exc.to_wire() if isinstance(exc, NerveError) else {
-                "type": "StepTimeout" if isinstance(exc, TimeoutError) else type(exc).__name__,
-                "message": str(exc) or repr(exc), "retryable": True, "fields": {}}
+            if isinstance(exc, TimeoutError) and limit.expired():
+                wire = {"type": "StepTimeout", "retryable": True, "fields": {},
+                        "message": f"attempt {attempt} of step {cmd.index} (local activity "
+                                   f"{cmd.name}) timed out after {policy.timeout}s"}
+            elif isinstance(exc, NerveError):
+                wire = exc.to_wire()
+            else:
+                wire = {"type": type(exc).__name__, "message": str(exc) or repr(exc),
+                        "retryable": True, "fields": {}}
             result = StepResult(run_id=self.run_id, index=cmd.index, attempt=attempt, key=key,
                                 ok=False, error=wire, worker=f"{self.orch.owner_id}:local")
         result.duration_ms = (time.perf_counter() - started) * 1000

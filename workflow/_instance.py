@@ -27,7 +27,8 @@ from typing import Any
 
 import msgpack
 
-from nerve import NerveError, NondeterminismError, StepError
+from actors import MAX_RESULT_BYTES
+from nerve import NerveError, NondeterminismError, ResultTooLarge, StepError
 from persistence import (
     CancelRequested,
     Event,
@@ -282,6 +283,14 @@ class WorkflowInstance:
                 "type": type(exc).__name__, "message": str(exc), "retryable": False,
                 "fields": {"traceback": "".join(traceback.format_exception(exc))[-4000:]}}
             end = RunFailed(error=self.failure, at=self._stamp())
+        elif (size := _size(main.result())) > MAX_RESULT_BYTES:
+            self.state = InstanceState.FAILED
+            self.failure = ResultTooLarge(
+                f"the workflow's result is {size:,} bytes; a run's result is at most "
+                f"{MAX_RESULT_BYTES:,}. Keep big outputs elsewhere (a file in the sandbox, an "
+                f"object store) and return a reference to them", run_id=self.run_id,
+                size=size, limit=MAX_RESULT_BYTES, retryable=False).to_wire()
+            end = RunFailed(error=self.failure, at=self._stamp())
         else:
             self.state = InstanceState.COMPLETED
             self.result = main.result()
@@ -439,11 +448,16 @@ class WorkflowInstance:
         return {i for i, f in self._futures.items() if not f.done()}
 
 
-def _small(value: Any) -> bool:
+def _size(value: Any) -> int:
+    """Bytes ``value`` takes in an event (0 if it cannot be encoded: the append says why)."""
     try:
-        return len(msgpack.packb(value, use_bin_type=True, default=str)) <= MAX_RECORDED_ARGS
+        return len(msgpack.packb(value, use_bin_type=True, default=str))
     except (TypeError, ValueError):
-        return False
+        return 0
+
+
+def _small(value: Any) -> bool:
+    return 0 < _size(value) <= MAX_RECORDED_ARGS
 
 
 def raise_nondeterminism(run_id: str, index: int, *, expected: tuple[str, str, str] | None,

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from nerve import ConfigError
+
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
@@ -22,6 +24,21 @@ class RetryPolicy:
     timeout: float | None = 300.0
     heartbeat_timeout: float | None = None
     non_retryable: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.max_attempts < 1:
+            problems.append(f"max_attempts is {self.max_attempts}: at least 1 (1 = no retries)")
+        if self.initial_interval < 0 or self.max_interval < 0:
+            problems.append("initial_interval and max_interval are seconds, 0 or more")
+        if self.backoff < 1:
+            problems.append(f"backoff is {self.backoff}: 1 or more (1 = a fixed interval)")
+        for name in ("timeout", "heartbeat_timeout"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                problems.append(f"{name} is {value}: seconds above 0, or None for none")
+        if problems:
+            raise ConfigError("invalid RetryPolicy: " + "; ".join(problems))
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait before attempt ``attempt + 1`` (attempts count from 1)."""
