@@ -24,7 +24,8 @@ def activity_name(fn: str | Callable[..., Any]) -> str:
     name = getattr(fn, ACTIVITY_ATTR, None)
     if name is None:
         raise TypeError(f"{getattr(fn, '__name__', fn)!r} is not an activity: decorate it with "
-                        "@workflow.activity (or pass the activity's name)")
+                        "@activity (from workflow import activity), register it in an "
+                        "ActivityRegistry, or pass the activity's name")
     return str(name)
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import inspect
+import re
+import types
+import typing
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,8 +24,11 @@ class WorkflowDefinition:
     version: str
     fn: Callable[[Any, Any], Awaitable[Any]]
     input_type: type[BaseModel] | None = None
+    source: Callable[..., Any] | None = None  # the function as written (fn may wrap it)
 
     def parse_input(self, raw: Any) -> Any:
+        """``raw`` validated into the workflow's input model; TaskRejected says what is
+        wrong. Without a model (``inp: dict``) the input is passed as it is."""
         if self.input_type is None:
             return raw
         try:
@@ -48,21 +54,21 @@ class WorkflowRegistry:
             if not inspect.iscoroutinefunction(f):
                 raise ConfigError(f"workflow {f.__name__} must be an async function")
             wf_name = name or f.__name__
-            params = list(inspect.signature(f).parameters.values())
-            input_type = None
-            if len(params) >= 2:
-                ann = params[1].annotation
-                if isinstance(ann, str):
-                    ann = f.__globals__.get(ann, ann)
-                if isinstance(ann, type) and issubclass(ann, BaseModel):
-                    input_type = ann
-            self._defs.setdefault(wf_name, {})[version] = WorkflowDefinition(
-                wf_name, version, _with_typed_input(f, input_type), input_type)
+            input_type = _input_model(f)
+            versions = self._defs.setdefault(wf_name, {})
+            if version in versions:
+                _refuse_another(f"workflow {wf_name!r} version {version!r}",
+                                versions[version].source, f)
+            versions[version] = WorkflowDefinition(
+                wf_name, version, _with_typed_input(f, input_type), input_type, source=f)
             return f
 
         return deco(fn) if fn is not None else deco
 
     def get(self, name: str, version: str | None = None) -> WorkflowDefinition:
+        """The workflow ``name`` at ``version``; the newest registered one if ``version`` is
+        None or not registered (any more): a history recorded under an old version replays
+        on today's code, which ``ctx.patched`` keeps compatible with it."""
         versions = self._defs.get(name)
         if not versions:
             known = ", ".join(sorted(self._defs)) or "none"
@@ -77,7 +83,36 @@ class WorkflowRegistry:
 
 
 def _version_key(v: str) -> tuple[Any, ...]:
-    return tuple(int(p) if p.isdigit() else p for p in v.replace("-", ".").split("."))
+    # Natural order ("1.10" after "1.9", "v10" after "v2"): text and numbers alternate, so
+    # two keys never compare a number with a text.
+    return tuple(int(p) if i % 2 else p for i, p in enumerate(re.split(r"(\d+)", v)))
+
+
+def _input_model(f: Callable[..., Any]) -> type[BaseModel] | None:
+    """The pydantic model the workflow's input is annotated with, if any."""
+    params = list(inspect.signature(f).parameters.values())
+    if len(params) < 2:
+        return None
+    try:
+        ann = typing.get_type_hints(f).get(params[1].name)
+    except (NameError, TypeError) as exc:
+        raise ConfigError(f"cannot resolve the input annotation of workflow {f.__name__} "
+                          f"({params[1].annotation!r}): {exc}") from None
+    if typing.get_origin(ann) in (typing.Union, types.UnionType):  # Optional[Model]
+        models = [a for a in typing.get_args(ann) if a is not type(None)]
+        ann = models[0] if len(models) == 1 else None
+    return ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+
+
+def _refuse_another(what: str, old: Callable[..., Any] | None, new: Callable[..., Any]) -> None:
+    """Two different functions under one name: the second would silently replace the first
+    (a user's module replacing the built-in ``agent``, say). A module imported again is fine."""
+    def where(fn: Callable[..., Any] | None) -> str:
+        return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', '?')}"
+
+    if old is not None and where(old) != where(new):
+        raise ConfigError(f"{what} is registered already, by {where(old)}; {where(new)} needs "
+                          "another name (or, for a workflow, another version)")
 
 
 def _with_typed_input(f: Callable[..., Awaitable[Any]], input_type: type[BaseModel] | None,
@@ -103,6 +138,7 @@ class ActivityRegistry:
 
         def deco(f: Callable[..., Any]) -> Callable[..., Any]:
             act_name = name or f.__name__
+            _refuse_another(f"activity {act_name!r}", self._fns.get(act_name), f)
             setattr(f, ACTIVITY_ATTR, act_name)
             self._fns[act_name] = f
             return f
