@@ -59,7 +59,7 @@ def patched_registry() -> WorkflowRegistry:
 
 @pytest.mark.parametrize("name", ["approval_approved", "approval_rejected"])
 def test_golden_histories_replay_cleanly(name: str) -> None:
-    report = assert_replays(GOLDEN / f"{name}.jsonl", golden.registry)
+    report = assert_replays(str(GOLDEN / f"{name}.jsonl"), golden.registry)  # str or Path
     assert report.deterministic and report.state in ("completed",)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bus import Bus
-from nerve import NondeterminismError, RunNotFound, WorkflowNotFound
+from nerve import NondeterminismError, RunNotFound
 from persistence import EVENT_ADAPTER, Event, RunContinued, RunHistory, RunStarted
 from workflow._context import RunContext
 from workflow._definition import WorkflowRegistry, workflows
@@ -105,24 +105,24 @@ async def replay_run(bus: Bus, run_id: str, registry: WorkflowRegistry | None = 
     return replay_history(events, registry, bus.names)
 
 
-def save_history(events: list[Event], path: Path) -> None:
+def save_history(events: list[Event], path: str | Path) -> None:
     """Write a history as JSON (one event per line) for golden-history tests."""
-    path.write_text("".join(json.dumps(e.model_dump(mode="json")) + "\n" for e in events))
+    Path(path).write_text("".join(json.dumps(e.model_dump(mode="json")) + "\n" for e in events))
 
 
-def load_history(path: Path) -> list[Event]:
-    return [EVENT_ADAPTER.validate_json(line) for line in path.read_text().splitlines()
+def load_history(path: str | Path) -> list[Event]:
+    """Read a history written by :func:`save_history` (or ``nerve show --json``'s events,
+    one per line)."""
+    return [EVENT_ADAPTER.validate_json(line) for line in Path(path).read_text().splitlines()
             if line.strip()]
 
 
-def assert_replays(history: list[Event] | Path, registry: WorkflowRegistry | None = None,
+def assert_replays(history: list[Event] | str | Path, registry: WorkflowRegistry | None = None,
                    ) -> ReplayReport:
-    """For pytest: fail with the readable diff if the code no longer replays ``history``."""
-    events = load_history(history) if isinstance(history, Path) else history
-    try:
-        report = replay_history(events, registry)
-    except WorkflowNotFound:
-        raise
+    """For pytest: fail with the readable diff if the code no longer replays ``history`` (a
+    list of events, or the path of a file :func:`save_history` wrote)."""
+    events = load_history(history) if isinstance(history, str | Path) else history
+    report = replay_history(events, registry)
     if not report.deterministic:
         raise NondeterminismError(report.describe(), run_id=report.run_id, diff=report.diff)
     return report
