@@ -374,3 +374,35 @@ def test_a_retry_policy_that_cannot_work_is_refused() -> None:
         RetryPolicy(timeout=0)
     with pytest.raises(ConfigError, match="initial_interval"):
         RetryPolicy(initial_interval=-1)
+
+
+@wf.register(name="needs_add")
+async def needs_add(ctx: RunContext, inp: dict[str, Any]) -> Any:
+    return await ctx.activity(add, 2, 3, retry=RetryPolicy(max_attempts=20, initial_interval=0.1,
+                                                           backoff=1.0))
+
+
+async def test_a_worker_without_the_activity_fails_the_attempt_not_the_step(bus: Bus) -> None:
+    """A rolling deploy: the only worker up does not have the activity yet. Its attempts
+    fail saying what is missing where, and are retried; a worker that has it finishes it."""
+    orch = Orchestrator(bus, "orch-roll", registry=wf)
+    await orch.start()
+    old = ActivityWorker(ActivityRegistry(), worker_id="old-worker")
+    await old.start(bus)
+    client = NerveClient(bus)
+    run_id = await client.submit("acme", workflow="needs_add", input={})
+    await client.wait(run_id, timeout=20, statuses=("running",))
+    async with asyncio.timeout(20):
+        while not (failed := [e for e in await client.history(run_id)
+                              if isinstance(e, StepFailed)]):
+            await asyncio.sleep(0.05)
+    await old.stop()
+    new = ActivityWorker(acts, worker_id="new-worker")
+    await new.start(bus)
+    summary = await client.wait(run_id, timeout=20)
+    await new.stop()
+    await orch.stop()
+    assert not failed[0].final
+    assert "no activity named 'add' is registered on activity worker old-worker" in \
+        failed[0].error["message"]
+    assert summary.result == 5

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from actors import Delivery, StepWorker, WorkItem
+from nerve import ConfigError
 from workflow._definition import ActivityRegistry, activities
 
 
@@ -55,7 +56,16 @@ class ActivityWorker(StepWorker):
         return [self.bus.names.work_activity]
 
     async def execute(self, item: WorkItem, delivery: Delivery) -> Any:
-        fn = self.registry.get(item.name)
+        try:
+            fn = self.registry.get(item.name)
+        except ConfigError:
+            # Retryable: in a rolling deploy another worker (or this one, updated) has it.
+            raise ConfigError(
+                f"no activity named {item.name!r} is registered on activity worker "
+                f"{self.worker_id} (it has: {', '.join(self.registry.names()) or 'none'}). "
+                "Every activity worker takes any activity step, so each must register every "
+                "activity the workflows call", activity=item.name, worker=self.worker_id,
+                retryable=True) from None
         actx = ActivityContext(item.key, item.run_id, item.tenant, item.index, item.attempt,
                                item.name)
         return await call_activity(fn, actx, item.args)
