@@ -406,3 +406,20 @@ async def test_a_worker_without_the_activity_fails_the_attempt_not_the_step(bus:
     assert "no activity named 'add' is registered on activity worker old-worker" in \
         failed[0].error["message"]
     assert summary.result == 5
+
+
+@wf.register(name="bad_args")
+async def bad_args(ctx: RunContext, inp: dict[str, Any]) -> Any:
+    try:
+        await ctx.activity(add, {1, 2}, 3)
+    except TypeError as exc:
+        return str(exc)
+
+
+async def test_step_arguments_that_cannot_be_recorded_name_the_step(
+        engine: tuple[Orchestrator, NerveClient]) -> None:
+    _, client = engine
+    run_id = await client.submit("acme", workflow="bad_args", input={})
+    message = (await client.wait(run_id, timeout=20)).result
+    assert message.startswith("the arguments of activity step 'add' cannot be recorded")
+    assert "turn sets into lists" in message

@@ -323,9 +323,16 @@ class WorkflowInstance:
               subject: str | None = None, deadline_in: float | None = None,
               meta: dict[str, Any] | None = None) -> asyncio.Future[Any]:
         """Issue a step; return the future its result will resolve."""
+        try:
+            digest = args_digest(args)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(
+                f"the arguments of {kind} step {name!r} cannot be recorded ({exc}): step "
+                "arguments are what msgpack/JSON carry (dict, list, str, int, float, bool, "
+                "None, bytes, pydantic models); turn sets into lists and datetimes into "
+                "strings or numbers") from None
         index = self._next_index
         self._next_index += 1
-        digest = args_digest(args)
         fut = self._loop.create_future()
         self._issued[index] = (kind, name, digest)
         recorded = self._recorded.get(index)
