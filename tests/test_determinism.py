@@ -70,8 +70,14 @@ def test_a_breaking_change_is_caught_with_a_readable_diff(name: str) -> None:
     assert report.diff["index"] == 0
     assert report.diff["expected"]["name"] == "double" and report.diff["got"]["name"] == "double"
     assert report.diff["expected"]["args_digest"] != report.diff["got"]["args_digest"]
+    # The same step with other arguments: both sides' arguments, not only their digests.
+    recorded = load_history(GOLDEN / f"{name}.jsonl")[1].args
+    assert report.diff["expected"]["args"] == recorded == {"args": [21], "kwargs": {}}
+    assert report.diff["got"]["args"] == {"args": [0], "kwargs": {}}
     text = report.describe()
     assert "NOT deterministic" in text and "expected (history)" in text
+    assert "got (code):         activity 'double' args {\"args\": [0]" in text
+    assert "ctx.now()/ctx.random()" in report.error
     with pytest.raises(NondeterminismError, match="step 0"):
         assert_replays(GOLDEN / f"{name}.jsonl", changed_registry())
 

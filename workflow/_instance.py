@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import functools
+import json
 import logging
 import time
 import traceback
@@ -338,7 +339,7 @@ class WorkflowInstance:
         recorded = self._recorded.get(index)
         try:
             if recorded is not None:
-                self._compare(index, kind, name, digest, recorded)
+                self._compare(index, kind, name, digest, recorded, args)
             else:
                 self._check_not_behind(index, kind, name, digest)
         except NondeterminismError as exc:
@@ -418,10 +419,15 @@ class WorkflowInstance:
         if not self._replaying:
             self._emits.append(StreamEvent(type=type_, run_id=self.run_id, data=data))
 
-    def _compare(self, index: int, kind: str, name: str, digest: str, rec: _Recorded) -> None:
+    def _compare(self, index: int, kind: str, name: str, digest: str, rec: _Recorded,
+                 args: Any = None) -> None:
         if (rec.kind, rec.name, rec.digest) != (kind, name, digest):
+            # Same step, other arguments: show both where the history kept them (small ones).
+            recorded_args = getattr(rec.event, "args", None)
+            shown = ((recorded_args, args) if (rec.kind, rec.name) == (kind, name)
+                     and recorded_args is not None and _small(args) else None)
             raise_nondeterminism(self.run_id, index, expected=(rec.kind, rec.name, rec.digest),
-                                 got=(kind, name, digest))
+                                 got=(kind, name, digest), args=shown)
 
     def _check_not_behind(self, index: int, kind: str, name: str, digest: str) -> None:
         if self._replaying and self._recorded and index < max(self._recorded):
@@ -468,21 +474,32 @@ def _small(value: Any) -> bool:
 
 
 def raise_nondeterminism(run_id: str, index: int, *, expected: tuple[str, str, str] | None,
-                         got: tuple[str, str, str] | None) -> None:
-    def show(t: tuple[str, str, str] | None) -> str:
+                         got: tuple[str, str, str] | None,
+                         args: tuple[Any, Any] | None = None) -> None:
+    def show(t: tuple[str, str, str] | None, value: Any = None) -> str:
         if t is None:
             return "nothing"
         kind, name, digest = t
+        if args is not None:
+            text = json.dumps(value, default=str)
+            return f"{kind} {name!r} with args {text[:200]}{'...' if len(text) > 200 else ''}"
         return f"{kind} {name!r}" + (f" (args {digest[:12]})" if digest else "")
 
-    diff = {
+    diff: dict[str, Any] = {
         "index": index,
         "expected": None if expected is None else dict(zip(("kind", "name", "args_digest"),
                                                            expected, strict=True)),
         "got": None if got is None else dict(zip(("kind", "name", "args_digest"), got,
                                                  strict=True)),
     }
+    if args is not None:
+        diff["expected"]["args"], diff["got"]["args"] = args
+    hint = (" Arguments that differ on every replay come from time, randomness or I/O in the "
+            "workflow: take them from ctx.now()/ctx.random()/ctx.uuid() or an activity."
+            if args is not None else "")
     raise NondeterminismError(
-        f"run {run_id}, step {index}: the history recorded {show(expected)} but the code "
-        f"issued {show(got)}. Check that your workflow is deterministic, or guard the change "
-        "with ctx.patched(...)", run_id=run_id, index=index, diff=diff)
+        f"run {run_id}, step {index}: the history recorded "
+        f"{show(expected, args[0] if args else None)} but the code issued "
+        f"{show(got, args[1] if args else None)}. Check that your workflow is deterministic, "
+        f"or guard the change with ctx.patched(...).{hint}", run_id=run_id, index=index,
+        diff=diff)

@@ -54,8 +54,11 @@ class ReplayReport:
 def _side(side: dict[str, Any] | None) -> str:
     if not side:
         return "nothing"
+    head = f"{side.get('kind')} {side.get('name')!r}"
+    if "args" in side:
+        return f"{head} args {json.dumps(side['args'], default=str)[:200]}"
     digest = side.get("args_digest") or ""
-    return f"{side.get('kind')} {side.get('name')!r}" + (f" args {digest[:12]}" if digest else "")
+    return head + (f" args {digest[:12]}" if digest else "")
 
 
 def replay_history(events: list[Event], registry: WorkflowRegistry | None = None,
