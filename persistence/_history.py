@@ -156,6 +156,16 @@ class RunHistory:
         self.length += len(events)
         return ack_seq
 
+    async def last(self) -> list[Event]:
+        """The events of the history's last record ([] if the run has none yet): one read,
+        whatever the history's length."""
+        try:
+            msg = await self.bus.js.get_last_msg(self.bus.names.runs_stream, self.subject,
+                                                 direct=True)
+        except NotFoundError:
+            return []
+        return decode_record(msg.data)
+
     async def _ours_at_end(self, msg_id: str, payload: bytes) -> int | None:
         try:
             msg = await self.bus.js.get_last_msg(self.bus.names.runs_stream, self.subject,

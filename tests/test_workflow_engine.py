@@ -9,13 +9,14 @@ from typing import Any
 
 import pytest
 
-from actors import MAX_RESULT_BYTES
+from actors import MAX_RESULT_BYTES, encode
 from bus import Bus
-from nerve import ConfigError, StepError
+from nerve import ConfigError, Conflict, StepError
 from persistence import (
     MarkerRecorded,
     RunCompleted,
     RunStarted,
+    SignalMessage,
     SignalReceived,
     SignalRejected,
     StepCompleted,
@@ -143,12 +144,18 @@ async def test_a_step_that_keeps_failing_fails_the_run_with_the_evidence(
 
 
 async def test_signal_after_timeout_changes_nothing(
-        engine: tuple[Orchestrator, NerveClient]) -> None:
+        engine: tuple[Orchestrator, NerveClient], bus: Bus) -> None:
     _, client = engine
     run_id = await client.submit("acme", workflow="waits", input={"timeout": 0.3})
     summary = await client.wait(run_id, timeout=20)
     assert summary.result == {"value": "nope", "timed_out": True}
-    await client.signal(run_id, "approve", "yes", sender="late-bob")
+    with pytest.raises(Conflict, match="has ended \\(completed\\); a signal would change"):
+        await client.signal(run_id, "approve", "yes", sender="late-bob")
+    with pytest.raises(Conflict):
+        await client.cancel(run_id)
+    # Past the client's check (a raw publish to the inbox), it changes nothing either.
+    await bus.js.publish(bus.names.inbox(run_id), encode(SignalMessage(
+        name="approve", payload="yes", sender="late-bob", signal_id="late-1")))
     await asyncio.sleep(0.3)
     events = await client.history(run_id)
     assert isinstance(events[-1], RunCompleted)  # nothing appended after the end
@@ -156,13 +163,15 @@ async def test_signal_after_timeout_changes_nothing(
 
 
 async def test_first_of_signal_or_timeout_wins_and_late_signals_are_rejected(
-        engine: tuple[Orchestrator, NerveClient]) -> None:
+        engine: tuple[Orchestrator, NerveClient], bus: Bus) -> None:
     _, client = engine
     run_id = await client.submit("acme", workflow="waits", input={"timeout": 30})
     await client.wait(run_id, timeout=20, statuses=("waiting",))
     first = await client.signal(run_id, "approve", "yes", sender="alice")
-    await client.signal(run_id, "approve", "second", sender="bob")
-    await client.signal(run_id, "approve", "yes", sender="alice", signal_id=first)  # duplicate
+    # Straight to the inbox: the run may have ended already, which the client would refuse.
+    for sig in (SignalMessage(name="approve", payload="second", sender="bob", signal_id="b"),
+                SignalMessage(name="approve", payload="yes", sender="alice", signal_id=first)):
+        await bus.js.publish(bus.names.inbox(run_id), encode(sig))  # the last: a duplicate
     summary = await client.wait(run_id, timeout=20)
     assert summary.result == {"value": "yes", "timed_out": False}
     events = await client.history(run_id)

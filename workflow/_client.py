@@ -17,8 +17,9 @@ from nats.js.errors import NoStreamResponseError
 
 from actors import decode, encode, encode_json, new_id
 from bus import Bus, check_token
-from nerve import BusError, CodecError, RunNotFound, TaskRejected, WorkflowError
+from nerve import BusError, CodecError, Conflict, RunNotFound, TaskRejected, WorkflowError
 from persistence import (
+    TERMINAL_TYPES,
     CancelMessage,
     Event,
     ForkSpec,
@@ -203,6 +204,12 @@ class NerveClient:
 
     async def _to_inbox(self, run_id: str, message: Any, msg_id: str) -> None:
         check_token("run id", run_id)
+        # A run that has not started yet gets it when it does; one that has ended never would.
+        last = await RunHistory(self.bus, run_id).last()
+        if last and last[-1].type in TERMINAL_TYPES:
+            raise Conflict(f"run {run_id} has ended ({last[-1].type.removeprefix('run_')}); "
+                           f"a {message.type} would change nothing",
+                           run_id=run_id)
         await self._store(self.bus.names.inbox(run_id), encode(message), {"Nats-Msg-Id": msg_id})
 
     async def _store(self, subject: str, data: bytes, headers: dict[str, str]) -> None:
@@ -217,22 +224,32 @@ class NerveClient:
     async def signal(self, run_id: str, name: str, payload: Any = None, *,
                      sender: str | None = None, approves: str | None = None,
                      signal_id: str | None = None) -> str:
-        """Send a signal (durably); returns its id. Sending the same id twice counts once."""
+        """Send a signal (durably); returns its id. Sending the same id twice counts once.
+
+        A run that has not started yet receives it when it starts; one that has ended
+        raises :class:`~nerve.Conflict`.
+        """
         sig = SignalMessage(name=name, payload=payload, sender=sender, approves=approves,
                             signal_id=signal_id or new_id("sig-"))
         await self._to_inbox(run_id, sig, f"signal:{sig.signal_id}")
         return sig.signal_id
 
     async def cancel(self, run_id: str, reason: str = "", by: str | None = None) -> None:
+        """Ask the run to stop: its code gets ``CancelledError`` at the step it awaits
+        (cleanup may still run steps), then the run ends ``cancelled``. A blocked run ends at
+        once. :class:`~nerve.Conflict` if the run has ended already."""
         await self._to_inbox(run_id, CancelMessage(reason=reason, by=by), new_id("cancel-"))
 
     async def pause(self, run_id: str, reason: str = "", by: str | None = None) -> None:
+        """Hold the run's new steps until :meth:`resume` (running steps finish)."""
         await self._to_inbox(run_id, PauseMessage(reason=reason, by=by), new_id("pause-"))
 
     async def resume(self, run_id: str, by: str | None = None) -> None:
+        """Let a paused run start its held steps."""
         await self._to_inbox(run_id, ResumeMessage(by=by), new_id("resume-"))
 
     async def history(self, run_id: str) -> list[Event]:
+        """The run's whole history; :class:`~nerve.RunNotFound` if it has none."""
         check_token("run id", run_id)
         events = await RunHistory(self.bus, run_id).read()
         if not events:
@@ -241,6 +258,7 @@ class NerveClient:
         return events
 
     async def summary(self, run_id: str) -> RunSummary:
+        """The run's state, folded from its history (:func:`summarize`)."""
         return summarize(await self.history(run_id))
 
     async def wait(self, run_id: str, timeout: float | None = None,
