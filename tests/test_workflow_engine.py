@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -432,3 +433,23 @@ async def test_step_arguments_that_cannot_be_recorded_name_the_step(
     message = (await client.wait(run_id, timeout=20)).result
     assert message.startswith("the arguments of activity step 'add' cannot be recorded")
     assert "turn sets into lists" in message
+
+
+@wf.register(name="misbehaves")
+async def misbehaves(ctx: RunContext, inp: dict[str, Any]) -> Any:
+    time.sleep(0.6)  # noqa: ASYNC251 - the mistake this test is about
+    await asyncio.Event().wait()  # not a step: nothing will ever set it
+
+
+async def test_blocking_or_unwakeable_workflow_code_is_reported(
+        engine: tuple[Orchestrator, NerveClient], caplog: pytest.LogCaptureFixture) -> None:
+    _, client = engine
+    run_id = await client.submit("acme", workflow="misbehaves", input={})
+    await client.wait(run_id, timeout=20, statuses=("running",))
+    async with asyncio.timeout(10):
+        while "waits for something that is not a step" not in caplog.text:
+            await asyncio.sleep(0.05)
+    assert f"run {run_id}: workflow misbehaves held the event loop for 0." in caplog.text
+    assert "use ctx.sleep instead of time.sleep" in caplog.text
+    await client.cancel(run_id)  # a cancel still wakes it
+    assert (await client.wait(run_id, timeout=20)).status == "cancelled"

@@ -60,6 +60,10 @@ log = logging.getLogger("nerve.workflow")
 # from the code; the digest still pins them). Keeps long conversations O(n), not O(n^2).
 MAX_RECORDED_ARGS = 8 * 1024
 
+# Seconds one activation of workflow code may hold the orchestrator's event loop before it
+# is reported (blocking code: time.sleep, sync I/O).
+SLOW_ACTIVATION = 0.5
+
 
 class _Blocked(BaseException):
     """Unwinds workflow code after a determinism failure.
@@ -154,6 +158,7 @@ class WorkflowInstance:
         self._emits: list[StreamEvent] = []
         self._main: asyncio.Task[Any] | None = None
         self._cancel: CancelRequested | None = None
+        self._stuck_reported = False
         self._pending_history = 0
         self._recorded: dict[int, _Recorded] = {}
         self._recorded_end: Event | None = None
@@ -257,9 +262,25 @@ class WorkflowInstance:
         self._run()
 
     def _run(self) -> None:
+        started = time.perf_counter()
         self._loop.run_until_quiescent()
-        if self._main is not None and self._main.done() and self.state is InstanceState.RUNNING:
+        held = time.perf_counter() - started
+        if held > SLOW_ACTIVATION:
+            # Every run of this orchestrator (and its leases) waited that long.
+            log.warning("run %s: workflow %s held the event loop for %.1f s in one step of its "
+                        "code. Workflow code must not block: use ctx.sleep instead of "
+                        "time.sleep, and activities for I/O and heavy work", self.run_id,
+                        self.started.workflow, held)
+        if self._main is None or self.state is not InstanceState.RUNNING:
+            return
+        if self._main.done():
             self._finish(self._main)
+        elif not self._replaying and not self.open_steps() and not self._stuck_reported:
+            self._stuck_reported = True
+            log.error("run %s: workflow %s waits for something that is not a step (an "
+                      "asyncio.Event, Future or task of its own?) and has no step open: "
+                      "nothing but a cancel can wake it. Wait on ctx steps (activities, "
+                      "ctx.wait_signal, ctx.sleep) instead", self.run_id, self.started.workflow)
 
     def _finish(self, main: asyncio.Task[Any]) -> None:
         end: Event
