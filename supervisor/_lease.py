@@ -185,8 +185,10 @@ class Lease:
         self.revision = None
 
     def keep_alive(self, on_lost: Callable[[LeaseLostError], Any] | None = None) -> None:
-        """Renew every ``ttl / 3`` in the background until released or lost."""
-        if self._keeper is None or self._keeper.done():
+        """Renew every ``ttl / 3`` in the background until released or lost. ``on_lost`` may
+        re-acquire the lease and call this again: renewals then start over."""
+        # From inside on_lost the old keeper is still running (it awaits on_lost, then ends).
+        if self._keeper is None or self._keeper.done() or self._keeper is asyncio.current_task():
             self._keeper = asyncio.create_task(self._keep(on_lost), name=f"lease:{self.key}")
 
     async def _keep(self, on_lost: Callable[[LeaseLostError], Any] | None) -> None:

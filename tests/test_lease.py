@@ -37,6 +37,29 @@ async def test_two_contenders_exactly_one_wins_and_the_other_takes_over(bus: Bus
         await winner.renew()
 
 
+async def test_a_lease_lost_and_taken_back_is_renewed_again(bus: Bus) -> None:
+    """An orchestrator stalled past its TTL (SIGSTOP, a long GC) loses its host lease,
+    takes it back in on_lost and keeps it: renewals must start over, or the lease lapses
+    again one TTL later and peers take its runs while it still drives them."""
+    lease = Lease(bus, "host.stalled", holder="o1", ttl=1.0)
+    assert await lease.acquire()
+    regained = asyncio.Event()
+
+    async def on_lost(exc: LeaseLostError) -> None:
+        await lease.wait_acquire(poll=0.05, timeout=10)
+        lease.keep_alive(on_lost)
+        regained.set()
+
+    lease.keep_alive(on_lost)
+    kv = await bus.kv(bus.names.leases_bucket)
+    await kv.delete(lease.key)  # what an expiry looks like to renew()
+    await asyncio.wait_for(regained.wait(), 10)
+    await asyncio.sleep(3.5)  # past three TTLs
+    current = await Lease(bus, "host.stalled", holder="o2", ttl=1.0).current()
+    assert current is not None and current[0].holder == "o1"
+    await lease.stop_keep_alive()
+
+
 async def test_release_frees_it_at_once(bus: Bus) -> None:
     a = Lease(bus, "host.a", holder="a", ttl=30)
     b = Lease(bus, "host.a", holder="b", ttl=30)
