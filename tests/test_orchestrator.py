@@ -318,3 +318,22 @@ async def test_a_silent_worker_is_noticed_by_its_heartbeat_timeout(
     [failed] = [e for e in await client.history(run_id) if isinstance(e, StepFailed)]
     assert failed.error["type"] == "HeartbeatTimeout"
     assert sorted(w.returncode for w in workers)[0] == -signal.SIGKILL  # one worker died
+
+
+async def test_a_second_orchestrator_under_a_live_ones_id_is_refused(
+        bus: Bus, nats_server: EmbeddedNats) -> None:
+    """Two `nerve worker --role orchestrator` without --id on one host share the default id:
+    the second must stop with a reason, not share the first one's host lease."""
+    first = Orchestrator(bus, "orchestrator-twin", registry=registry)
+    await first.start()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "cli", "worker", "--role", "orchestrator",
+            "--id", "orchestrator-twin", "--nats-url", nats_server.url,
+            "--prefix", bus.names.prefix,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        await first.stop()
+    assert proc.returncode == 78, err.decode()
+    assert f"orchestrator id orchestrator-twin is in use by pid {os.getpid()}" in err.decode()

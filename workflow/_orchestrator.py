@@ -19,6 +19,8 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -130,7 +132,11 @@ class Orchestrator:
         self.spawn_guard = spawn_guard  # budget: check_spawn(tenant) before a run starts
         self.accept_tasks = accept_tasks  # False: only drive runs taken over from peers
         self.kill_switch = kill_switch  # act on nerve.ctl.tenant.<t>.kill notices
-        self.host_lease = Lease(bus, bus.names.host_lease(owner_id), owner_id, ttl=host_ttl)
+        # Where the holder runs: a second orchestrator started under the same id on this host
+        # (two `nerve worker --role orchestrator` without --id) is refused instead of both
+        # "holding" one lease and taking each other's runs.
+        self.host_lease = Lease(bus, bus.names.host_lease(owner_id), owner_id, ttl=host_ttl,
+                                data={"host": socket.gethostname(), "pid": os.getpid()})
         self.drivers: dict[str, RunDriver] = {}
         self._driver_tasks: dict[str, asyncio.Task[None]] = {}
         self._intake = _TaskIntake(self)
@@ -171,6 +177,7 @@ class Orchestrator:
         self.group_commit.atomic = await self._atomic_batches(self.bus.names.runs_stream)
         self._records.atomic = await self._atomic_batches(
             f"KV_{self.bus.names.leases_bucket}")
+        await self._refuse_a_twin()
         await self.host_lease.wait_acquire(poll=0.2, timeout=max(10.0, 3 * self.host_lease.ttl))
         self.host_lease.keep_alive(on_lost=self._on_lease_lost)
         self._spawn(self._watch())
@@ -184,6 +191,26 @@ class Orchestrator:
         self.bus.on_reconnect(self._on_reconnect)
         await self.ready.wait()
         log.info("orchestrator %s ready", self.owner_id)
+
+    async def _refuse_a_twin(self) -> None:
+        """ConfigError if a live process on this host already holds our id's lease."""
+        current = await self.host_lease.current()
+        if current is None or current[0].holder != self.owner_id:
+            return
+        other = current[0].data
+        pid = other.get("pid")
+        if other.get("host") != socket.gethostname() or not isinstance(pid, int) \
+                or pid == os.getpid():
+            return
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return  # it died (we may be its restart): the lease is ours to take back
+        except PermissionError:
+            pass  # alive, another user's
+        raise ConfigError(f"orchestrator id {self.owner_id} is in use by pid {pid} on this "
+                          "host; give this one another id (nerve worker --id ...)",
+                          owner=self.owner_id, pid=pid)
 
     async def _atomic_batches(self, stream: str) -> bool:
         """Whether ``stream`` takes atomic batches (nats-server 2.12+, provisioned so)."""
