@@ -7,6 +7,7 @@ as values; approvals bound to the exact tool call, including a denial and a late
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,6 +17,7 @@ import pytest
 from actors import decode
 from bus import Bus
 from gateway_actor import GatewayActor, GatewayConfig
+from nerve import TaskRejected
 from persistence import SignalReceived, SignalRejected, StepCompleted, StreamEvent
 from sandbox_actor import HostConfig, NsBackend, Placement, SandboxHost
 from tests._sandbox import backend_config, needs_ns
@@ -162,3 +164,18 @@ async def test_an_agent_run_forked_after_a_model_call_replays_and_finishes(
     # there without being written again.
     fork_steps = [e for e in await agent.history(fork) if isinstance(e, StepCompleted)]
     assert [e.name for e in fork_steps].count("write_file") == 1  # the copied one
+
+
+@pytest.mark.parametrize(("extra", "reason"), [
+    ({"input": {"requires_approvals": ["run"]}}, "requires_approvals: Extra inputs"),
+    ({"input": {"requires_approval": ["Run"]}}, "requires_approval names ['Run']"),
+    ({"tools": ["runn"]}, "unknown tools ['runn']"),
+    ({"tools": ["read_file"], "input": {"requires_approval": ["run"]}},
+     "which this run does not have"),
+])
+async def test_a_misspelt_agent_input_is_rejected_not_run_without_its_gate(
+        agent: NerveClient, extra: dict[str, Any], reason: str) -> None:
+    run_id = "r-typo-" + str(abs(hash(reason)))
+    with pytest.raises(TaskRejected, match=re.escape(reason)):
+        await agent.until_started(run_id, lambda: agent.submit(
+            "acme", "compute 6*7 in python", run_id=run_id, **extra), timeout=10)

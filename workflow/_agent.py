@@ -17,7 +17,7 @@ import collections
 import json
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 from gateway_actor import LLMRequest, Message, ToolResultBlock, ToolSpec, ToolUseBlock
 from nerve import StepError
@@ -64,7 +64,13 @@ class ApprovalPayload(BaseModel):
 
 
 class AgentInput(BaseModel):
-    """What the ``agent`` workflow takes (``nats pub nerve.tasks.acme '{"task": "..."}'``)."""
+    """What the ``agent`` workflow takes (``nats pub nerve.tasks.acme '{"task": "..."}'``).
+
+    Strict: a misspelt key (``requires_approvals``) or a tool nobody offers would otherwise
+    run the agent without the gate or the tool the sender meant.
+    """
+
+    model_config = ConfigDict(extra="forbid")
 
     task: str
     model: str = ""
@@ -77,6 +83,20 @@ class AgentInput(BaseModel):
     max_tokens: int = Field(default=400_000, ge=1)  # input + output, over the whole run
     max_seconds: float = Field(default=6 * 3600.0, gt=0)
     max_tokens_per_call: int = Field(default=4096, ge=1, le=128_000)
+
+    @model_validator(mode="after")
+    def _known_tools(self) -> AgentInput:
+        offered = set(SANDBOX_TOOLS) | {t.name for t in self.extra_tools}
+        unknown = [n for n in self.tools or [] if n not in offered]
+        if unknown:
+            raise ValueError(f"unknown tools {unknown}; the tools are "
+                             f"{sorted(offered)} (extra_tools adds more)")
+        enabled = set(self.tools) if self.tools is not None else offered
+        ungated = [n for n in self.requires_approval if n not in enabled]
+        if ungated:
+            raise ValueError(f"requires_approval names {ungated}, which this run does not "
+                             f"have; its tools are {sorted(enabled)}")
+        return self
 
 
 def _tool_specs(inp: AgentInput) -> list[ToolSpec]:
