@@ -50,17 +50,29 @@ def encode_json(value: Any) -> bytes:
 
 
 def unpack(data: bytes, content_type: str | None = None) -> Any:
-    """Bytes to plain data. JSON when the content type says so or the payload looks like it."""
+    """Bytes to plain data: JSON when the content type says so (``application/json``,
+    ``...+json``, with or without parameters) or, without one, when the payload looks like
+    it; text for ``text/*``; msgpack otherwise."""
     if not data:
         raise CodecError("empty message")
-    is_json = content_type == JSON if content_type else data[:1] in (b"{", b"[", b" ", b"\n")
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    if media.startswith("text/") and not media.endswith("json"):
+        try:
+            return data.decode()
+        except UnicodeDecodeError as exc:
+            raise CodecError(f"{media} that is not UTF-8 ({len(data)} bytes): {exc}") from None
+    is_json = (media == JSON or media.endswith(("/json", "+json")) if media
+               else data.lstrip()[:1] in (b"{", b"[", b'"'))
     try:
         if is_json:
             return json.loads(data)
         return msgpack.unpackb(data, raw=False, strict_map_key=False)
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
         kind = "JSON" if is_json else "msgpack"
-        raise CodecError(f"malformed {kind} ({len(data)} bytes): {exc}") from None
+        hint = ("" if is_json or media else "; send JSON (it starts with { [ or \"), msgpack, "
+                "or plain text with the header Content-Type: text/plain")
+        raise CodecError(f"malformed {kind} ({len(data)} bytes): {str(exc) or type(exc).__name__}"
+                         f"{hint}") from None
 
 
 @overload

@@ -104,6 +104,10 @@ class Names:
 
     # -- subjects ----------------------------------------------------------------------
     def tasks(self, tenant: str = "*") -> str:
+        if tenant == "rejected":
+            raise ConfigError("tenant 'rejected' is reserved: its subject carries the notices of "
+                              "rejected tasks; use another tenant name", kind="tenant",
+                              value=tenant)
         return f"{self.prefix}.tasks.{self._id(tenant, 'tenant')}"
 
     @property

@@ -116,6 +116,25 @@ async def test_a_task_from_a_raw_socket_speaking_nats_starts_a_run(
     assert (await engine.wait(run_id, timeout=20)).result == "FROM A SOCKET"
 
 
+@pytest.mark.parametrize(("body", "content_type"), [
+    (b'{"task": "typed json"}', "application/json; charset=utf-8"),
+    (b'\t\r\n{"task": "typed json"}', None),
+    (b'"typed json"', None),
+    (b"typed json", "text/plain"),
+])
+async def test_tasks_however_a_nats_client_labels_them(
+        engine: NerveClient, bus: Bus, nats_server: EmbeddedNats, body: bytes,
+        content_type: str | None) -> None:
+    nc = await nats.connect(nats_server.url)
+    tenant = f"labels{abs(hash((body, content_type)))}"
+    await nc.publish(bus.names.tasks(tenant), body,
+                     headers={"Content-Type": content_type} if content_type else None)
+    await nc.flush()
+    await nc.close()
+    [run_id] = await wait_for_runs(bus, tenant, 1)
+    assert (await engine.wait(run_id, timeout=20)).result == "TYPED JSON"
+
+
 async def test_the_same_msg_id_or_run_id_never_starts_two_runs(engine: NerveClient,
                                                                 bus: Bus) -> None:
     subject = bus.names.tasks("dedupe")
@@ -139,7 +158,8 @@ async def test_the_same_msg_id_or_run_id_never_starts_two_runs(engine: NerveClie
     (b'{"task": "x", "workflow": "nope"}', "no workflow named 'nope'"),
     (b'{"task": "x", "run_id": "bad id!"}', "run_id"),
     (b'{"task": "x", "max_turns": -1}', "max_turns"),
-    (b"\xc1\xc1", "malformed"),
+    (b"\xc1\xc1", "malformed msgpack (2 bytes): FormatError; send JSON"),
+    (b"plain words", "or plain text with the header Content-Type: text/plain"),
 ])
 async def test_bad_tasks_are_rejected_with_a_reason(engine: NerveClient, bus: Bus,
                                                     nats_server: EmbeddedNats, payload: bytes,

@@ -9,15 +9,24 @@ import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from nats.errors import Error as NatsClientError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import NoStreamResponseError
+from pydantic import BaseModel, ValidationError
 
 from actors import decode, encode, encode_json, new_id
 from bus import Bus, check_token
-from nerve import BusError, CodecError, Conflict, RunNotFound, TaskRejected, WorkflowError
+from nerve import (
+    BusError,
+    CodecError,
+    ConfigError,
+    Conflict,
+    RunNotFound,
+    TaskRejected,
+    WorkflowError,
+)
 from persistence import (
     TERMINAL_TYPES,
     CancelMessage,
@@ -44,6 +53,8 @@ from persistence import (
     TaskRequest,
     WaitAbandoned,
 )
+
+M = TypeVar("M", bound=BaseModel)
 
 # The statuses of a run that has ended: nothing more happens to it.
 ENDED_STATUSES = ("completed", "failed", "cancelled")
@@ -134,8 +145,8 @@ class NerveClient:
         """Publish a task on ``nerve.tasks.<tenant>``; returns the run id it will start."""
         check_token("tenant", tenant)
         run_id = run_id or new_id("r")
-        request = TaskRequest(task=task, input=input, workflow=workflow, run_id=run_id,
-                              labels=labels or {}, **extra)
+        request = _valid(TaskRequest, "task", task=task, input=input, workflow=workflow,
+                         run_id=run_id, labels=labels or {}, **extra)
         await self._publish_task(tenant, request)
         return run_id
 
@@ -188,7 +199,8 @@ class NerveClient:
         """Start a new run from the first ``at`` events of ``run_id``; returns its id."""
         check_token("tenant", tenant)
         new_run_id = new_run_id or new_id("r")
-        request = TaskRequest(run_id=new_run_id, fork=ForkSpec(run_id=run_id, at=at))
+        request = _valid(TaskRequest, "fork", run_id=new_run_id,
+                         fork=_valid(ForkSpec, "fork", run_id=run_id, at=at))
         await self._publish_task(tenant, request)
         return new_run_id
 
@@ -229,8 +241,8 @@ class NerveClient:
         A run that has not started yet receives it when it starts; one that has ended
         raises :class:`~nerve.Conflict`.
         """
-        sig = SignalMessage(name=name, payload=payload, sender=sender, approves=approves,
-                            signal_id=signal_id or new_id("sig-"))
+        sig = _valid(SignalMessage, "signal", name=name, payload=payload, sender=sender,
+                     approves=approves, signal_id=signal_id or new_id("sig-"))
         await self._to_inbox(run_id, sig, f"signal:{sig.signal_id}")
         return sig.signal_id
 
@@ -294,6 +306,16 @@ class NerveClient:
                         break
         finally:
             await sub.unsubscribe()
+
+
+def _valid(model: type[M], what: str, **fields: Any) -> M:
+    """``model(**fields)``, or a ConfigError naming the first field that is wrong."""
+    try:
+        return model(**fields)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or what
+        raise ConfigError(f"invalid {what}: {where}: {first['msg']}") from None
 
 
 def _announces(data: bytes, statuses: tuple[str, ...]) -> bool:

@@ -413,7 +413,13 @@ class Orchestrator:
         """Start a run for a task message (idempotently). Returns the run id."""
         tenant = msg.subject.rsplit(".", 1)[-1]
         if tenant == REJECTED_TENANT:
-            return None  # our own rejection notices, captured by the work queue
+            # Our own rejection notices, captured by the work queue; anything else here is a
+            # task sent to a tenant that cannot exist.
+            if b'"reason"' not in msg.data:
+                log.warning("a message on %s is not a rejection notice: tenant %r is reserved "
+                            "for them; send tasks to another tenant", msg.subject,
+                            REJECTED_TENANT)
+            return None
         try:
             check_token("tenant", tenant)
             raw = unpack(msg.data, (msg.headers or {}).get("Content-Type"))
