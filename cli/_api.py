@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from actors import run
+from bus import NATS_URL_ENV
 from cli._target import add_target_args, connect_target, default_data_dir, read_state
 from nerve._errors import ConfigError
 
@@ -61,8 +62,11 @@ def api_target(args: argparse.Namespace, *, required: bool = True,
     data_dir: Path = getattr(args, "data_dir", None) or default_data_dir()
     url = getattr(args, "api_url", None) or os.environ.get(API_URL_ENV)
     if not url:
+        # The data dir's nerve, unless --nats-url points elsewhere: its API serves other runs.
         state = read_state(data_dir)
-        url = (state or {}).get("http_url")
+        nats_url = getattr(args, "nats_url", None) or os.environ.get(NATS_URL_ENV)
+        if state and (not nats_url or nats_url == state.get("nats_url")):
+            url = state.get("http_url")
     if not url:
         if not required:
             return None

@@ -12,8 +12,9 @@ import json
 import sys
 
 from actors import run
-from cli._api import add_api_args, api_target
+from cli._api import add_api_args, api_reachable, api_target
 from cli._target import add_target_args
+from nerve import ConfigError
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -33,6 +34,12 @@ async def _logs(args: argparse.Namespace) -> int:
 
     target = api_target(args)
     assert target is not None
+    # Checked once up front: a follow reconnects for ever, which suits an API restarting, not
+    # one that is not there at all.
+    if not await api_reachable(target[0]):
+        raise ConfigError(f"the HTTP API at {target[0]} does not answer: is `nerve up` (or a "
+                          "`nerve worker --role api`) running there? Pass --api-url if it "
+                          "moved")
     status = None
     in_text = False
     printed: dict[int, int] = {}  # characters of each step's text already printed

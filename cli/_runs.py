@@ -9,6 +9,7 @@ import sys
 import time
 from typing import Any
 
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 
@@ -23,20 +24,24 @@ from workflow import ENDED_STATUSES, ApprovalPayload, NerveClient, RunSummary, r
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("run", help="submit a task and print its run id")
     p.add_argument("task", help="what the agent should do")
-    p.add_argument("--tenant", default="default")
-    p.add_argument("--workflow", default="agent")
-    p.add_argument("--input", default=None, help="JSON input for the workflow")
+    p.add_argument("--tenant", default="default", help="whose run it is (default: default)")
+    p.add_argument("--workflow", default="agent", help="the workflow to run (default: agent)")
+    p.add_argument("--input", default=None, help="JSON object: the workflow's input")
     p.add_argument("--wait", action="store_true", help="wait for the run to end")
     p.add_argument("--follow", action="store_true", help="print the run's events as they come")
-    p.add_argument("--timeout", type=float, default=None)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--timeout", type=float, default=None, help="with --wait/--follow: give up "
+                   "waiting after this many seconds (exit 2; the run goes on)")
+    p.add_argument("--json", action="store_true", help="print JSON (with --follow: one event "
+                   "per line, then the run's summary)")
     add_target_args(p)
     p.set_defaults(func=lambda a: run(_run(a)))
 
     p = sub.add_parser("runs", help="list runs (from the API's read model when it is up)")
     p.add_argument("--tenant", default=None)
-    p.add_argument("--status", default=None)
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--status", default=None, choices=RUN_STATUSES, help="only runs in this "
+                   "status")
+    p.add_argument("--limit", type=_positive, default=50, help="at most this many, newest "
+                   "first (default 50)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--api-url", default=None, help="the HTTP API (default: the running "
                    "`nerve up`; without one the histories are scanned)")
@@ -69,17 +74,33 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                                     "(its sandbox starts from the snapshot at that point)")
     p.add_argument("run_id")
     p.add_argument("--at", type=int, required=True, help="history index to fork at (1..)")
-    p.add_argument("--wait", action="store_true")
+    p.add_argument("--wait", action="store_true", help="wait for the fork to end")
+    p.add_argument("--timeout", type=float, default=None, help="with --wait: give up waiting "
+                   "after this many seconds (the fork goes on)")
     p.add_argument("--json", action="store_true")
     add_target_args(p)
     p.set_defaults(func=lambda a: run(_fork(a)))
 
     p = sub.add_parser("replay", help="replay a run's history against the current code")
     p.add_argument("run_id")
-    p.add_argument("--workflows", action="append", default=[])
+    p.add_argument("--workflows", action="append", default=[], help="module(s) that register "
+                   "your workflows, as for `nerve up --workflows` (repeatable)")
     p.add_argument("--json", action="store_true")
     add_target_args(p)
     p.set_defaults(func=lambda a: run(_replay(a)))
+
+
+RUN_STATUSES = ("running", "waiting", "paused", "blocked", *ENDED_STATUSES)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: at least 1")
+    return value
 
 
 def _json_arg(text: str | None, what: str) -> Any:
@@ -116,13 +137,24 @@ async def _run(args: argparse.Namespace) -> int:
             return 0
         deadline = None if args.timeout is None else time.monotonic() + args.timeout
         try:
-            # False: still queued at the deadline, which the wait below then reports.
-            await client.until_started(run_id, publish, args.timeout)
+            started = await client.until_started(run_id, publish, args.timeout)
         except TaskRejected as exc:
             raise TaskRejected(f"the task was rejected: {exc.message}", run_id=run_id) from None
-        if args.follow:
-            await _follow(bus, run_id)
+        if not started:
+            raise WorkflowError(
+                f"run {run_id} did not start within --timeout {args.timeout}s: no orchestrator "
+                f"took its task (is one up? `nerve up`, or `nerve worker --role orchestrator`). "
+                f"The task stays queued and starts when one is", run_id=run_id)
+        # Said at once: Ctrl-C before the end must not leave someone without the run id that
+        # `nerve signal` and `nerve cancel` need.
+        if args.follow and not args.json:
+            print(f"run {run_id}", flush=True)
+        elif sys.stderr.isatty():
+            print(f"run {run_id} started; waiting for its end (Ctrl-C stops the waiting, not "
+                  "the run)", file=sys.stderr, flush=True)
         try:
+            if args.follow and not await _follow(bus, run_id, deadline, args.json):
+                raise WorkflowError("--timeout")
             summary = await _wait_telling_blocks(client, run_id, deadline)
         except WorkflowError:
             raise WorkflowError(f"run {run_id} did not end within --timeout {args.timeout}s "
@@ -160,7 +192,9 @@ async def _wait_telling_blocks(client: NerveClient, run_id: str,
               "not the run).", file=sys.stderr, flush=True)
 
 
-async def _follow(bus, run_id: str) -> None:
+async def _follow(bus, run_id: str, deadline: float | None, as_json: bool) -> bool:
+    """Print the run's live events until it ends (True) or ``deadline`` passes (False).
+    ``as_json``: one JSON object per event and line, for scripts."""
     from actors import decode
     from persistence import StreamEvent
 
@@ -168,9 +202,17 @@ async def _follow(bus, run_id: str) -> None:
     shown: dict[Any, str] = {}  # per LLM step: the text printed so far
     try:
         while True:
-            msg = await sub.next_msg(timeout=None)
+            left = None if deadline is None else deadline - time.monotonic()
+            try:
+                if left is not None and left <= 0:
+                    return False
+                msg = await sub.next_msg(timeout=left)
+            except (NatsTimeoutError, TimeoutError):
+                return False
             ev = decode(msg.data, StreamEvent)
-            if ev.type == "token":
+            if as_json:
+                print(json.dumps({"type": ev.type, "data": ev.data}, default=str), flush=True)
+            elif ev.type == "token":
                 # A retried or taken-over stream restarts at an earlier offset: print only
                 # what is new, and say so when the text changed under us.
                 step = ev.data.get("index")
@@ -189,7 +231,7 @@ async def _follow(bus, run_id: str) -> None:
             else:
                 print(f"\n[{ev.type}] {json.dumps(ev.data, default=str)[:400]}", flush=True)
             if ev.type == "status" and ev.data.get("status") in ENDED_STATUSES:
-                return
+                return True
     finally:
         await sub.unsubscribe()
 
@@ -334,10 +376,14 @@ async def _fork(args: argparse.Namespace) -> int:
             print(json.dumps({"run_id": fork_id}) if args.json else fork_id)
             return 0
         try:
-            await client.until_started(fork_id, publish)
+            await client.until_started(fork_id, publish, args.timeout)
         except TaskRejected as exc:
             raise TaskRejected(f"the fork was rejected: {exc.message}", run_id=fork_id) from None
-        summary = await client.wait(fork_id)
+        try:
+            summary = await client.wait(fork_id, timeout=args.timeout)
+        except WorkflowError:
+            raise WorkflowError(f"fork {fork_id} did not end within --timeout {args.timeout}s "
+                                f"(it goes on: nerve show {fork_id})", run_id=fork_id) from None
         print(json.dumps(_summary_dict(summary), default=str) if args.json
               else f"{fork_id} {summary.status}")
         return 0 if summary.status == "completed" else 1

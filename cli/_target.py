@@ -34,14 +34,29 @@ def add_target_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefix", default=None, help="deployment prefix (default nerve)")
 
 
+def port(text: str) -> int:
+    """An argparse type: a TCP port, 0 for a free one."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port (0-65535; 0 = a free one)")
+    return value
+
+
 def read_state(data_dir: Path) -> dict[str, Any] | None:
     path = data_dir / STATE_FILE
     try:
-        return json.loads(path.read_text())
+        state = json.loads(path.read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read {path}: {exc}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("nats_url"), str):
+        raise ConfigError(f"{path} is not what `nerve up` writes (no nats_url); if no nerve is "
+                          "up there, remove it")
+    return state
 
 
 def resolve_url(args: argparse.Namespace) -> tuple[str, str]:
@@ -58,12 +73,34 @@ def resolve_url(args: argparse.Namespace) -> tuple[str, str]:
     return state["nats_url"], args.prefix or state.get("prefix", prefix)
 
 
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
 async def connect_target(args: argparse.Namespace, name: str = "nerve-cli",
                          check_jetstream: bool = True) -> Bus:
     """The NATS of ``--nats-url`` / ``--data-dir``; with JetStream, unless told not to check
     (a caller that provisions next checks it there)."""
     url, prefix = resolve_url(args)
-    bus = await connect(ConnectOptions.from_env(url, prefix=prefix, name=name))
+    try:
+        bus = await connect(ConnectOptions.from_env(url, prefix=prefix, name=name))
+    except BusError as exc:
+        state = None if args.nats_url or os.environ.get(NATS_URL_ENV) else read_state(
+            args.data_dir or default_data_dir())
+        if state is not None and not _alive(state.get("pid")):
+            data_dir = args.data_dir or default_data_dir()
+            raise BusError(f"the nerve recorded in {data_dir / STATE_FILE} (pid "
+                           f"{state.get('pid')}) is not running any more: start it again "
+                           f"with `nerve up --data-dir {data_dir}`") from None
+        raise exc from None
     if check_jetstream:
         try:
             await bus.require_jetstream()

@@ -36,7 +36,7 @@ from bus import (
     provision,
 )
 from cli._roles import DEFAULT_UP_ROLES, ROLES
-from cli._target import STATE_FILE, default_data_dir
+from cli._target import STATE_FILE, default_data_dir, port
 from cli._worker import EX_CONFIG
 from nerve import BusError, ConfigError, NerveError, ProcessExited
 from supervisor import (
@@ -60,7 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def add_up_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", type=Path, default=None,
                    help=f"state and NATS store (default {default_data_dir()})")
-    p.add_argument("--nats-port", type=int, default=0, help="NATS port (0 = a free one)")
+    p.add_argument("--nats-port", type=port, default=0, help="NATS port (0 = a free one)")
     p.add_argument("--nats-url", default=None,
                    help="use this NATS server/cluster instead of starting one")
     p.add_argument("--prefix", default="nerve", help="deployment prefix")
@@ -71,7 +71,7 @@ def add_up_args(p: argparse.ArgumentParser) -> None:
                    help="a module registering your workflows/activities (repeatable)")
     p.add_argument("--lazy-sync", action="store_true",
                    help="NATS fsyncs lazily (faster; acked writes can be lost on power loss)")
-    p.add_argument("--http-port", type=int, default=0,
+    p.add_argument("--http-port", type=port, default=0,
                    help="port of the HTTP API and console (0 = a free one)")
     p.add_argument("--http-host", default="127.0.0.1", help="address the HTTP API listens on")
     p.add_argument("--set", action="append", default=[], metavar="ROLE.KEY=VALUE",
@@ -90,6 +90,9 @@ class Cluster:
         if unknown:
             raise ConfigError(f"unknown role(s) {', '.join(unknown)}; known: "
                               f"{', '.join(sorted(ROLES))}")
+        if not self.roles or len(set(self.roles)) != len(self.roles):
+            raise ConfigError(f"--roles {args.roles!r}: name each role to start once, e.g. "
+                              f"{','.join(DEFAULT_UP_ROLES)}")
         for pair in args.set:
             scope, dot, rest = pair.partition(".")
             if not dot or "=" not in rest or scope not in self.roles:
@@ -123,7 +126,11 @@ class Cluster:
         return out
 
     async def start(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot use {self.data_dir} as the data dir: "
+                              f"{exc.strerror or exc}") from None
         # One nerve per data dir: a second would share the store and overwrite nerve.json.
         lock = PidLock(self.data_dir / "up.lock")
         if not await lock.acquire():

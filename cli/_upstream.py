@@ -16,6 +16,7 @@ import signal
 import sys
 
 from actors import run
+from cli._target import port
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -23,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--replicas", type=int, default=1, help="servers, each with its own cache")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8600,
+    p.add_argument("--port", type=port, default=8600,
                    help="first replica's port; replica i uses port+i (0: random ports)")
     p.add_argument("--api-key", default=None, help="require this key (x-api-key or Bearer)")
     p.add_argument("--models", default=None, help="comma-separated model names to accept")

@@ -18,6 +18,7 @@ import nats
 import pytest
 
 from actors import unpack
+from workflow import NerveClient, Orchestrator, RunContext, WorkflowRegistry
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -302,3 +303,67 @@ async def test_a_nats_without_jetstream_or_without_nerve_gets_one_clear_line(
     assert code == 0 and out.startswith("RUN"), err
     code, _, err = await nerve("show", "r1", *d, check=False)
     assert code == 2 and "no stream NEVERPROVISIONED_RUNS on this NATS" in err, err
+
+
+async def test_mistakes_get_one_line_saying_what_is_wrong_never_a_traceback(
+        tmp_path: Path, nats_server, bus) -> None:
+    d = ["--nats-url", nats_server.url, "--prefix", bus.names.prefix]
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "nerve.json").write_text("{}")
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    (stale / "nerve.json").write_text(json.dumps({"nats_url": f"nats://127.0.0.1:"
+                                                  f"{free_port()}", "pid": 2 ** 22 + 1}))
+    cases = [
+        (["run", "x", "--input", "[1]", *d], "invalid task: input"),
+        (["run", "x", "--tenant", "rejected", *d], "tenant 'rejected' is reserved"),
+        (["up", "--roles", "orchestrator,orchestrator", "--data-dir", str(tmp_path / "u")],
+         "name each role to start once"),
+        (["up", "--roles", "", "--data-dir", str(tmp_path / "u")], "name each role"),
+        (["up", "--data-dir", str(afile)], "cannot use"),
+        (["up", "--http-port", "99999"], "99999 is not a port"),
+        (["runs", "--data-dir", str(odd)], "is not what `nerve up` writes"),
+        (["show", "r1", "--data-dir", str(stale)], "is not running any more"),
+        (["runs", "--status", "weird", *d], "invalid choice: 'weird'"),
+        (["runs", "--limit", "0", *d], "0: at least 1"),
+        (["logs", "r1", "--api-url", f"http://127.0.0.1:{free_port()}"], "does not answer"),
+    ]
+    for args, expected in cases:
+        code, _, err = await nerve(*args, check=False)
+        assert code == 2 and expected in err, (args, code, err)
+        assert "Traceback" not in err, (args, err)
+
+
+async def test_follow_and_wait_are_bounded_by_timeout_and_name_the_run_at_once(
+        nats_server, bus) -> None:
+    """No orchestrator here: the task stays queued, and both say so at --timeout."""
+    d = ["--nats-url", nats_server.url, "--prefix", bus.names.prefix]
+    for mode in ("--wait", "--follow"):
+        code, _, err = await nerve("run", "x", mode, "--timeout", "1", *d, check=False)
+        assert code == 2 and "did not start within --timeout 1.0s: no orchestrator" in err, err
+    registry = WorkflowRegistry()
+
+    @registry.register(name="waits_long")
+    async def waits_long(ctx: RunContext, inp: dict[str, Any]) -> None:
+        await ctx.wait_signal("never", timeout=600)
+
+    orch = Orchestrator(bus, "orch-cli-timeout", registry=registry)
+    await orch.start()
+    try:
+        code, out, err = await nerve("run", "x", "--workflow", "waits_long", "--input", "{}",
+                                     "--follow", "--json", "--timeout", "2", *d, check=False)
+        # Mistakes about a run that exists.
+        run_id = await NerveClient(bus).submit("acme", workflow="waits_long", input={})
+        await NerveClient(bus).wait(run_id, timeout=20, statuses=("waiting",))
+        for args, expected in ((["signal", run_id, "bad name!"], "invalid signal: name"),
+                               (["fork", run_id, "--at", "0"], "invalid fork: at")):
+            code2, _, err2 = await nerve(*args, *d, check=False)
+            assert code2 == 2 and expected in err2 and "Traceback" not in err2, err2
+    finally:
+        await orch.stop()
+    assert code == 2 and "did not end within --timeout 2.0s (it goes on" in err, err
+    events = [json.loads(line) for line in out.splitlines()]  # --json: one event per line
+    assert {"type": "status", "data": {"status": "waiting"}} in events

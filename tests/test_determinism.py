@@ -208,9 +208,9 @@ async def test_the_cli_says_when_a_run_it_waits_for_blocks_and_goes_on_waiting(
     target = ["--nats-url", nats_server.url, "--prefix", prefix]
     procs = [await asyncio.create_subprocess_exec(
         sys.executable, "-m", "cli", "run", "x", "--workflow", "evolving", "--input", "{}",
-        "--tenant", "acme", mode, "--json", *target,
+        "--tenant", "acme", *mode, *target,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        for mode in ("--wait", "--follow")]
+        for mode in (("--wait", "--json"), ("--follow",))]
     client = NerveClient(bus)
     try:
         run_ids: list[str] = []
@@ -248,7 +248,9 @@ async def test_the_cli_says_when_a_run_it_waits_for_blocks_and_goes_on_waiting(
     blocked_at = follow_out.index("[blocked]")
     assert "Still following" in follow_out
     assert '"status": "completed"' in follow_out[blocked_at:]
-    assert json.loads(follow_out.strip().splitlines()[-1])["status"] == "completed"
+    assert follow_out.startswith("run r")  # the run id first, before anything can go wrong
+    last = follow_out.strip().splitlines()[-1]
+    assert " completed: " in last and json.loads(last.split(": ", 1)[1])["variant"] == "patched"
 
 
 async def _run_ids(bus: Bus) -> list[str]:
