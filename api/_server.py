@@ -24,7 +24,7 @@ from api._routes import NEEDS_BUS, add_routes
 from api._services import Services
 from api._tail import Tails
 from bus import Bus
-from nerve._errors import ApiError, NerveError, Overloaded
+from nerve._errors import ApiError, ConfigError, NerveError, Overloaded
 from workflow import NerveClient
 
 log = logging.getLogger("nerve.api")
@@ -132,7 +132,14 @@ class ApiServer:
                                          handler_cancellation=False, shutdown_timeout=2.0)
             await self._runner.setup()
             self._site = web.TCPSite(self._runner, cfg.host, cfg.port, reuse_address=True)
-            await self._site.start()
+            try:
+                await self._site.start()
+            except OSError as exc:
+                # Restarting would fail the same way: a ConfigError, which supervisors do not
+                # retry (`nerve up` stops and says why).
+                raise ConfigError(f"the API cannot listen on {cfg.host}:{cfg.port}: "
+                                  f"{exc.strerror or exc}; choose another port (nerve up "
+                                  f"--http-port, or --set port=...)") from None
         except BaseException:
             await self._teardown()
             raise

@@ -12,6 +12,7 @@ import signal
 import socket
 import sys
 import time
+import traceback
 from typing import Any
 
 from actors import Actor, Delivery, PoisonKeeper, Requests, configure_tracing, run
@@ -57,6 +58,17 @@ def import_workflow_modules(modules: list[str]) -> None:
             importlib.import_module(name.strip())
         except ImportError as exc:
             raise ConfigError(f"cannot import workflows module {name!r}: {exc}") from None
+        except Exception as exc:
+            # The module itself is broken (it raises, or does not parse): every restart would
+            # fail the same way, so stop and say where.
+            where = ""
+            if isinstance(exc, SyntaxError):
+                where = f" at {exc.filename}:{exc.lineno}"
+            elif exc.__traceback__ is not None:
+                frame = traceback.extract_tb(exc.__traceback__)[-1]
+                where = f" at {frame.filename}:{frame.lineno}"
+            raise ConfigError(f"importing workflows module {name!r} failed{where}: "
+                              f"{type(exc).__name__}: {exc}") from None
 
 
 def parse_settings(pairs: list[str]) -> dict[str, Any]:

@@ -243,7 +243,7 @@ async def test_a_sigkilled_nerve_up_takes_its_server_and_roles_with_it(
 
 
 async def test_a_misconfigured_role_stops_nerve_up_at_once_with_its_reason(
-        tmp_path: Path, nats_server) -> None:
+        tmp_path: Path, nats_server, monkeypatch: pytest.MonkeyPatch) -> None:
     data = tmp_path / "nerve"
     base = ["up", "--data-dir", str(data), "--roles", "orchestrator,activity"]
     code, out, err = await nerve(*base, "--set", "orchestrator.host_ttl=abc", check=False)
@@ -265,6 +265,26 @@ async def test_a_misconfigured_role_stops_nerve_up_at_once_with_its_reason(
                                "--set", "concurrency=4", check=False)
     assert code == 78
     assert "nerve: error: activity has no setting 'concurrency'; it takes: no settings" in err
+
+    # A workflows module that raises when imported, and an API port taken: the same.
+    (tmp_path / "raisemod.py").write_text('raise RuntimeError("boom at import")\n')
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}")
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        for extra, expected in (
+                (["--workflows", "raisemod"], "importing workflows module 'raisemod' failed at "
+                 f"{tmp_path / 'raisemod.py'}:1: RuntimeError: boom at import"),
+                (["--roles", "api", "--http-port", str(taken.getsockname()[1])],
+                 "the API cannot listen on 127.0.0.1:")):
+            code, out, err = await nerve("up", "--data-dir", str(tmp_path / "again"),
+                                         *(base[3:] if extra[0] != "--roles" else []),
+                                         *extra, check=False)
+            assert code == 2 and expected in err, (out, err)
+            assert "nerve: restarting" not in out + err
+    finally:
+        taken.close()
 
 
 async def test_a_nats_without_jetstream_or_without_nerve_gets_one_clear_line(
