@@ -192,6 +192,20 @@ async def test_a_rejected_task_can_be_sent_again_corrected_under_the_same_run_id
     assert len(await RunHistory(engine.bus, "fixed-later").read()) == 4  # one run: its timer
 
 
+async def test_another_tenants_run_id_is_refused_not_dropped(
+        engine: NerveClient, bus: Bus, nats_server: EmbeddedNats) -> None:
+    await engine.until_started("shared-1", lambda: engine.submit(
+        "acme", workflow="slow", input={"seconds": 0.01}, run_id="shared-1"), timeout=10)
+    nc = await nats.connect(nats_server.url)
+    notices = await rejected(nc, bus.names.tasks_rejected)
+    await engine.submit("evil", workflow="slow", input={"seconds": 99}, run_id="shared-1")
+    notice = await asyncio.wait_for(notices.get(), 10)
+    await nc.close()
+    assert notice["reason"] == "run id shared-1 is taken; choose another"
+    assert notice["subject"] == bus.names.tasks("evil")
+    assert (await engine.wait("shared-1", timeout=20)).tenant == "acme"
+
+
 async def test_cancel_stops_a_waiting_run(engine: NerveClient, bus: Bus) -> None:
     run_id = await engine.submit("acme", workflow="slow", input={"seconds": 600})
     await engine.wait(run_id, timeout=20, statuses=("running",))

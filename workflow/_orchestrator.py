@@ -443,12 +443,12 @@ class Orchestrator:
                     await self.spawn_guard.check_spawn(tenant)
                 first = await fork_history(self.bus, request.fork, tenant, run_id,
                                            (msg.headers or {}).get("Nats-Msg-Id"))
+                await self.start_run(first[0], prefix=first[1:])
             except NerveError as exc:
                 if exc.retryable:
                     raise
                 await self.reject(msg, exc.message, run_id=run_id)
                 raise TaskRejected(exc.message) from None
-            await self.start_run(first[0], prefix=first[1:])
             return run_id
         try:
             definition = self.registry.get(request.workflow, request.version)
@@ -470,7 +470,11 @@ class Orchestrator:
                              version=definition.version, input=workflow_input,
                              task_id=(msg.headers or {}).get("Nats-Msg-Id"),
                              labels=request.labels)
-        await self.start_run(started)
+        try:
+            await self.start_run(started)
+        except TaskRejected as exc:
+            await self.reject(msg, exc.message, run_id=run_id)
+            raise
         return run_id
 
     async def start_run(self, started: RunStarted, prefix: list[Event] | None = None) -> None:
@@ -487,6 +491,12 @@ class Orchestrator:
         created = await history.create(started, *(prefix or first or []))
         if not created:
             events = await history.read()
+            if events and isinstance(events[0], RunStarted) and \
+                    events[0].tenant != started.tenant:
+                # Idempotency is per run id: another tenant's id is not a duplicate to drop
+                # in silence (nor a run to show it).
+                raise TaskRejected(f"run id {started.run_id} is taken; choose another",
+                                   run_id=started.run_id)
             if events and events[-1].type in ("run_completed", "run_failed", "run_cancelled"):
                 return  # a duplicate of a finished run
         if not await self._create_record(started.run_id,
