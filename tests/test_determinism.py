@@ -12,7 +12,7 @@ import pytest
 
 from bus import Bus, EmbeddedNats
 from nerve import NondeterminismError
-from persistence import RunBlocked
+from persistence import OwnerChanged, RunBlocked
 from tests.golden import workflows as golden
 from workflow import (
     ActivityContext,
@@ -153,6 +153,9 @@ async def test_changed_code_under_a_running_history_blocks_the_run_visibly(bus: 
     await client.signal(run_id, "go", 10)
     done = await client.wait(run_id, timeout=20)
     assert done.result == {"a": 2, "b": 13, "variant": "patched"}
+    owners = [(e.owner, e.previous) for e in await client.history(run_id)
+              if isinstance(e, OwnerChanged)]
+    assert owners == [("o-broken", "o-v1"), ("o-patched", "o-broken")]  # who fenced out whom
     # A new run takes the new path: its first step is the patched one.
     new_id = await client.submit("acme", workflow="evolving", input={})
     await client.wait(new_id, timeout=20, statuses=("waiting",))

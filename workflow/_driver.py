@@ -137,8 +137,10 @@ class RunDriver:
     """Drives one run while its orchestrator owns it (see the module docstring)."""
 
     def __init__(self, orchestrator: Orchestrator, run_id: str, epoch: int, takeover: bool,
-                 replay_from: int = 0, created: RunHistory | None = None) -> None:
+                 replay_from: int = 0, created: RunHistory | None = None,
+                 previous: str | None = None) -> None:
         self.orch = orchestrator
+        self.previous = previous  # the owner a takeover fences out
         self.bus = orchestrator.bus
         self.names = orchestrator.bus.names
         self.run_id = run_id
@@ -228,7 +230,16 @@ class RunDriver:
         self._emits.append(StreamEvent(type="status", run_id=self.run_id,
                                        data={"status": self.status}))
         await self._flush_outputs()
+        await self._release()
+
+    async def _release(self) -> None:
+        """The run ended: drop its record, and announce the end on
+        ``<prefix>.ctl.run.<id>.ended`` (core NATS, best effort) so the host running its
+        sandbox destroys it now; a host's sweep finds an end whose announcement was lost."""
         await self.orch.release_run(self.run_id)
+        with contextlib.suppress(NatsClientError):
+            await self.bus.nc.publish(self.names.ctl(f"run.{self.run_id}.ended"),
+                                      self.status.encode())
 
     async def _teardown(self) -> None:
         for op in self._open.values():
@@ -323,11 +334,12 @@ class RunDriver:
         if events[-1].type in TERMINAL_TYPES:
             # It ended but its record outlived it (the owner died right after the end).
             self.status = events[-1].type.removeprefix("run_")
-            await self.orch.release_run(self.run_id)
+            await self._release()
             return False
         if self.takeover:
             # Fence first: any append by the previous owner now fails.
             await self.history.append(OwnerChanged(owner=self.orch.owner_id, epoch=self.epoch,
+                                                   previous=self.previous,
                                                    reason="takeover"))
         try:
             definition = self.orch.registry.get(self.started.workflow, self.started.version)
@@ -893,7 +905,7 @@ class RunDriver:
                                        data={"status": self.status}))
         await self._flush_outputs()
         if instance.state is not InstanceState.BLOCKED:
-            await self.orch.release_run(self.run_id)
+            await self._release()
 
 
 def _last_state_event(events: list[Event]) -> str | None:

@@ -358,7 +358,8 @@ class Orchestrator:
             return False  # a peer claimed it first
         log.info("orchestrator %s took over run %s from %s (epoch %d)", self.owner_id, run_id,
                  record.owner, new.epoch)
-        self._start_driver(run_id, new.epoch, takeover=True, replay_from=new.replay_from)
+        self._start_driver(run_id, new.epoch, takeover=True, replay_from=new.replay_from,
+                           previous=record.owner)
         return True
 
     async def mark_segment(self, run_id: str, seq: int) -> None:
@@ -388,8 +389,10 @@ class Orchestrator:
                                        {"KV-Operation": "DEL"})
 
     def _start_driver(self, run_id: str, epoch: int, takeover: bool,
-                      replay_from: int = 0, created: RunHistory | None = None) -> RunDriver:
-        return self._run_driver(RunDriver(self, run_id, epoch, takeover, replay_from, created))
+                      replay_from: int = 0, created: RunHistory | None = None,
+                      previous: str | None = None) -> RunDriver:
+        return self._run_driver(RunDriver(self, run_id, epoch, takeover, replay_from, created,
+                                          previous))
 
     def _run_driver(self, driver: RunDriver) -> RunDriver:
         run_id = driver.run_id
