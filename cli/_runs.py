@@ -345,6 +345,11 @@ async def _signal(args: argparse.Namespace) -> int:
                                f"(nerve show {args.run_id} lists them)", run_id=args.run_id)
         sid = await client.signal(args.run_id, args.name, payload,
                                   sender=args.sender or "cli", approves=args.approves)
+        if args.name not in summary.waiting_for:
+            # Not an error (a later wait takes it), but most often a misspelt name.
+            waits = ", ".join(summary.waiting_for) or "no signal"
+            print(f"nerve: run {args.run_id} waits for {waits} now; the signal "
+                  f"{args.name!r} is kept for a later wait of that name", file=sys.stderr)
         print(sid)
         return 0
     finally:

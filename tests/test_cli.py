@@ -382,6 +382,9 @@ async def test_follow_and_wait_are_bounded_by_timeout_and_name_the_run_at_once(
                                (["fork", run_id, "--at", "0"], "invalid fork: at")):
             code2, _, err2 = await nerve(*args, *d, check=False)
             assert code2 == 2 and expected in err2 and "Traceback" not in err2, err2
+        # A name no wait has (a typo, most often): sent, kept, and said so.
+        code2, _, err2 = await nerve("signal", run_id, "Never", "{}", *d)
+        assert f"run {run_id} waits for never now; the signal 'Never' is kept" in err2
     finally:
         await orch.stop()
     assert code == 2 and "did not end within --timeout 2.0s (it goes on" in err, err
