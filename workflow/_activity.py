@@ -41,7 +41,11 @@ class ActivityWorker(StepWorker):
     """Pulls ``nerve.work.activity`` and runs the registered function for each item.
 
     Async activities run on the event loop; plain functions run in a worker thread so they
-    cannot block it.
+    cannot block it. An async activity must not hold the loop either (``time.sleep``,
+    heavy CPU): the loop sends the ``in_progress`` beats that keep a step with this worker,
+    and a step silent for ``ack_wait`` (5 s) goes to another worker while this one still
+    runs it. That is also how a dead worker's steps come back within seconds, to a peer or
+    to its own restart.
     """
 
     durable: ClassVar[str] = "activities"
@@ -52,10 +56,12 @@ class ActivityWorker(StepWorker):
         self.registry = registry or activities
 
     def work_subjects(self) -> list[str]:
+        """The ``NERVE_WORK`` subject of activity steps."""
         assert self.bus is not None
         return [self.bus.names.work_activity]
 
     async def execute(self, item: WorkItem, delivery: Delivery) -> Any:
+        """Run the activity the item names with the step's :class:`ActivityContext`."""
         try:
             fn = self.registry.get(item.name)
         except ConfigError:

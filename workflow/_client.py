@@ -84,6 +84,7 @@ class RunSummary:
 
     @property
     def done(self) -> bool:
+        """True once the run has ended (completed, failed or cancelled)."""
         return self.status in ENDED_STATUSES
 
 

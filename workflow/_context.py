@@ -58,13 +58,16 @@ class SandboxSteps:
 
     async def write_file(self, path: str, content: str | bytes, *,
                          retry: RetryPolicy | None = None) -> dict[str, Any]:
+        """Write ``content`` to ``path`` in the run's workspace (parents are created)."""
         return await self._step("write_file", {"path": path, "content": content}, retry)
 
     async def read_file(self, path: str, *, retry: RetryPolicy | None = None) -> dict[str, Any]:
+        """Read ``path`` from the run's workspace: ``{"content": ...}``."""
         return await self._step("read_file", {"path": path}, retry)
 
     async def list_files(self, path: str = ".", *,
                          retry: RetryPolicy | None = None) -> dict[str, Any]:
+        """The files under ``path`` in the run's workspace: ``{"files": [...]}``."""
         return await self._step("list_files", {"path": path}, retry)
 
 
@@ -186,6 +189,7 @@ class RunContext:
         self._instance.emit(type_, _plain(data))
 
     def progress(self, **data: Any) -> None:
+        """Publish a ``progress`` live event (``ctx.emit("progress", **data)``)."""
         self.emit("progress", **data)
 
 

@@ -8,12 +8,15 @@ import types
 import typing
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, overload
 
 from pydantic import BaseModel, ValidationError
 
 from nerve import ConfigError, TaskRejected, WorkflowNotFound
 from workflow._context import ACTIVITY_ATTR
+
+W = TypeVar("W", bound=Callable[..., Awaitable[Any]])  # a workflow function
+A = TypeVar("A", bound=Callable[..., Any])  # an activity function
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,11 +49,16 @@ class WorkflowRegistry:
     def __init__(self) -> None:
         self._defs: dict[str, dict[str, WorkflowDefinition]] = {}
 
-    def register(self, fn: Callable[..., Awaitable[Any]] | None = None, *,
-                 name: str | None = None, version: str = "1") -> Any:
+    @overload
+    def register(self, fn: W, *, name: str | None = None, version: str = "1") -> W: ...
+    @overload
+    def register(self, fn: None = None, *, name: str | None = None,
+                 version: str = "1") -> Callable[[W], W]: ...
+    def register(self, fn: W | None = None, *, name: str | None = None,
+                 version: str = "1") -> W | Callable[[W], W]:
         """Register ``async def wf(ctx, input)``. Usable as ``@registry.register(...)``."""
 
-        def deco(f: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        def deco(f: W) -> W:
             if not inspect.iscoroutinefunction(f):
                 raise ConfigError(f"workflow {f.__name__} must be an async function")
             wf_name = name or f.__name__
@@ -79,6 +87,7 @@ class WorkflowRegistry:
         return versions[max(versions, key=_version_key)]
 
     def names(self) -> list[str]:
+        """The registered workflow names."""
         return sorted(self._defs)
 
 
@@ -133,10 +142,14 @@ class ActivityRegistry:
     def __init__(self) -> None:
         self._fns: dict[str, Callable[..., Any]] = {}
 
-    def register(self, fn: Callable[..., Any] | None = None, *, name: str | None = None) -> Any:
+    @overload
+    def register(self, fn: A, *, name: str | None = None) -> A: ...
+    @overload
+    def register(self, fn: None = None, *, name: str | None = None) -> Callable[[A], A]: ...
+    def register(self, fn: A | None = None, *, name: str | None = None) -> A | Callable[[A], A]:
         """Register ``def act(actx: ActivityContext, *args, **kwargs)`` (sync or async)."""
 
-        def deco(f: Callable[..., Any]) -> Callable[..., Any]:
+        def deco(f: A) -> A:
             act_name = name or f.__name__
             _refuse_another(f"activity {act_name!r}", self._fns.get(act_name), f)
             setattr(f, ACTIVITY_ATTR, act_name)
@@ -146,6 +159,7 @@ class ActivityRegistry:
         return deco(fn) if fn is not None else deco
 
     def get(self, name: str) -> Callable[..., Any]:
+        """The activity ``name``; ConfigError if it is not registered here."""
         try:
             return self._fns[name]
         except KeyError:
@@ -153,6 +167,7 @@ class ActivityRegistry:
                               activity=name) from None
 
     def names(self) -> list[str]:
+        """The registered activity names."""
         return sorted(self._fns)
 
 
@@ -160,12 +175,23 @@ workflows = WorkflowRegistry()
 activities = ActivityRegistry()
 
 
-def workflow(fn: Callable[..., Awaitable[Any]] | None = None, *, name: str | None = None,
-             version: str = "1") -> Any:
-    """Register a workflow in the default registry."""
+@overload
+def workflow(fn: W, *, name: str | None = None, version: str = "1") -> W: ...
+@overload
+def workflow(fn: None = None, *, name: str | None = None,
+             version: str = "1") -> Callable[[W], W]: ...
+def workflow(fn: W | None = None, *, name: str | None = None,
+             version: str = "1") -> W | Callable[[W], W]:
+    """Register a workflow in the default registry (``@workflow`` or ``@workflow(name=...)``);
+    the function is returned as it is, signature and all."""
     return workflows.register(fn, name=name, version=version)
 
 
-def activity(fn: Callable[..., Any] | None = None, *, name: str | None = None) -> Any:
-    """Register an activity in the default registry."""
+@overload
+def activity(fn: A, *, name: str | None = None) -> A: ...
+@overload
+def activity(fn: None = None, *, name: str | None = None) -> Callable[[A], A]: ...
+def activity(fn: A | None = None, *, name: str | None = None) -> A | Callable[[A], A]:
+    """Register an activity in the default registry (``@activity`` or
+    ``@activity(name=...)``); the function is returned as it is, signature and all."""
     return activities.register(fn, name=name)

@@ -82,6 +82,8 @@ class ContinueAsNew(BaseException):
 
 
 class InstanceState(enum.Enum):
+    """Where a workflow instance is: running, ended one of four ways, or blocked."""
+
     RUNNING = "running"
     COMPLETED = "completed"
     FAILED = "failed"
@@ -188,10 +190,12 @@ class WorkflowInstance:
 
     @property
     def is_replaying(self) -> bool:
+        """True while recorded events remain to be applied."""
         return self._replaying
 
     @property
     def done(self) -> bool:
+        """True once the code has ended (or blocked)."""
         return self.state is not InstanceState.RUNNING
 
     def _now(self) -> float:
@@ -467,18 +471,22 @@ class WorkflowInstance:
 
     # -- what the owner collects ------------------------------------------------------------
     def take_events(self) -> list[Event]:
+        """The events produced since the last call, for the owner to write."""
         events, self._events = self._events, []
         return events
 
     def take_commands(self) -> list[Command]:
+        """The steps issued since the last call, for the owner to carry out."""
         commands, self._commands = self._commands, []
         return commands
 
     def take_emits(self) -> list[StreamEvent]:
+        """The live events emitted since the last call, for the owner to publish."""
         emits, self._emits = self._emits, []
         return emits
 
     def open_steps(self) -> set[int]:
+        """Indices of the steps the code still waits for."""
         return {i for i, f in self._futures.items() if not f.done()}
 
 

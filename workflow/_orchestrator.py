@@ -81,11 +81,13 @@ class RunRecord:
     replay_from: int = 0  # stream seq of the current segment's first record (continue-as-new)
 
     def encode(self) -> bytes:
+        """The record as stored in the leases bucket (msgpack)."""
         return msgpack.packb({"owner": self.owner, "epoch": self.epoch, "tenant": self.tenant,
                               "replay_from": self.replay_from})
 
     @classmethod
     def decode(cls, raw: bytes) -> RunRecord:
+        """The record :meth:`encode` wrote."""
         d = msgpack.unpackb(raw)
         return cls(d["owner"], int(d["epoch"]), d.get("tenant", ""),
                    int(d.get("replay_from", 0)))
@@ -167,6 +169,7 @@ class Orchestrator:
             await self.stop()
 
     async def start(self) -> None:
+        """Provision, take this host's lease, and start taking tasks and orphaned runs."""
         # One subscription each for all our runs' results and inboxes, routed by run id:
         # starting a run costs no subscription.
         self._subs = [
@@ -254,6 +257,7 @@ class Orchestrator:
             driver.put(_Reconnected())
 
     async def stop(self, timeout: float = 10.0) -> None:
+        """Stop driving runs and release the host lease, so peers take the runs over at once."""
         self._stopping = True
         await self._intake.stop()
         if self._kill_notices is not None:
@@ -559,6 +563,7 @@ class Orchestrator:
 
     # -- operations on owned runs ---------------------------------------------------------------
     def runs_of(self, tenant: str) -> list[str]:
+        """The runs of ``tenant`` this orchestrator drives now."""
         return [rid for rid, d in self.drivers.items() if d.tenant == tenant]
 
     async def _follow_kills(self) -> None:

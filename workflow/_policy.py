@@ -45,6 +45,7 @@ class RetryPolicy:
         return min(self.max_interval, self.initial_interval * self.backoff ** (attempt - 1))
 
     def should_retry(self, attempt: int, error: dict[str, Any]) -> bool:
+        """Whether attempt ``attempt`` failing with ``error`` (its wire form) gets another."""
         if attempt >= self.max_attempts:
             return False
         if error.get("type") in self.non_retryable:

@@ -38,6 +38,7 @@ class ReplayReport:
     seconds: float = 0.0
 
     def describe(self) -> str:
+        """The report as text a person reads (the diff, when it is not deterministic)."""
         head = (f"run {self.run_id} ({self.workflow} recorded v{self.recorded_version}, "
                 f"code v{self.code_version}): {self.events} events replayed in "
                 f"{self.seconds * 1000:.1f} ms")
