@@ -14,13 +14,13 @@ import signal
 import sys
 
 from actors import run
+from cli._target import add_target_args, connect_target
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("gateway", help="run LLM gateway actors on nerve.work.llm",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--nats-url", default=None, help="NATS server(s) (default: NERVE_NATS_URL)")
-    p.add_argument("--prefix", default=None, help="deployment prefix (default: nerve)")
+    add_target_args(p)
     p.add_argument("--instances", type=int, default=1, help="gateway actors in this process")
     p.add_argument("--upstreams", default=None,
                    help="like NERVE_LLM_UPSTREAMS: anthropic:http://127.0.0.1:8600,...")
@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    from bus import ConnectOptions, connect, provision
+    from bus import provision
     from gateway_actor import GatewayActor, GatewayConfig
 
     env = dict(os.environ)
@@ -41,7 +41,7 @@ async def _serve(args: argparse.Namespace) -> int:
     if args.model:
         env["NERVE_LLM_MODEL"] = args.model
     config = GatewayConfig.from_env(env)
-    bus = await connect(ConnectOptions.from_env(args.nats_url, prefix=args.prefix))
+    bus = await connect_target(args, name="nerve-gateway", check_jetstream=False)
     await provision(bus)
     actors = [GatewayActor(config, name=f"gateway-{i}", ack_wait=args.ack_wait)
               for i in range(args.instances)]

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from actors import run
+from cli._target import add_target_args, connect_target
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -30,8 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     fork.add_argument("sandbox", help="the source sandbox (a run id by default)")
     fork.add_argument("--at", type=int, required=True, help="history index to fork at")
     fork.add_argument("--new", required=True, help="the new sandbox id (the new run's id)")
-    fork.add_argument("--nats-url", default=None)
-    fork.add_argument("--prefix", default=None)
+    add_target_args(fork)
     fork.add_argument("--start", action="store_true",
                       help="also create the new sandbox's assignment now")
     fork.set_defaults(func=lambda a: run(_fork(a)))
@@ -109,10 +109,9 @@ async def _trial(config, backend_name: str) -> str:
 
 
 async def _fork(args: argparse.Namespace) -> int:
-    from bus import ConnectOptions, connect
     from sandbox_actor._fork import plan_fork, start_fork
 
-    bus = await connect(ConnectOptions.from_env(args.nats_url, prefix=args.prefix))
+    bus = await connect_target(args, name="nerve-sandbox-fork")
     try:
         plan = await plan_fork(bus, source_sandbox_id=args.sandbox, at=args.at,
                                new_sandbox_id=args.new)
