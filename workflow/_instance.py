@@ -279,7 +279,8 @@ class WorkflowInstance:
             return
         if self._main.done():
             self._finish(self._main)
-        elif not self._replaying and not self.open_steps() and not self._stuck_reported:
+        elif (not self._stuck_reported and not self._replaying
+              and all(f.done() for f in self._futures.values())):
             self._stuck_reported = True
             log.error("run %s: workflow %s waits for something that is not a step (an "
                       "asyncio.Event, Future or task of its own?) and has no step open: "
