@@ -74,16 +74,43 @@ class OsProcess:
                 out.close()
 
     async def terminate(self) -> None:
+        """SIGTERM; after ``term_timeout`` seconds without an exit, SIGKILL to its group.
+
+        Cancelling the caller does not cut the grace short. A supervisor stopping this
+        child cancels it again every 0.2 s (``cancel_and_wait``, against lost
+        cancellations), and taking each of those for "the stop is urgent" SIGKILLed roles
+        that were shutting down cleanly a fraction of a second after SIGTERM (a sandbox
+        host removing its sandboxes). So a cancellation that arrives here is held until
+        the process has gone, then re-raised: deferred, never swallowed.
+        """
         proc = self._proc
         if proc is None or proc.returncode is not None:
             return
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGTERM)
-        try:
-            # shield: we are often being cancelled ourselves; the wait must still finish.
-            await asyncio.shield(asyncio.wait_for(proc.wait(), self.term_timeout))
-        except (TimeoutError, asyncio.CancelledError):
-            log.warning("process %s (pid %s) ignored SIGTERM; killing it", self.name, proc.pid)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            await asyncio.shield(proc.wait())
+        loop = asyncio.get_running_loop()
+        exited = loop.create_task(proc.wait(), name=f"wait:{self.name}")
+        cancelled: asyncio.CancelledError | None = None
+        deadline = loop.time() + self.term_timeout
+        killed = False
+        while not exited.done():
+            left = deadline - loop.time()
+            if left <= 0:
+                if killed:
+                    log.error("process %s (pid %s) survived SIGKILL for 5s; leaving it",
+                              self.name, proc.pid)
+                    exited.cancel()
+                    break
+                log.warning("process %s (pid %s) ignored SIGTERM for %ss; killing it",
+                            self.name, proc.pid, self.term_timeout)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                killed, deadline = True, loop.time() + 5.0
+                continue
+            try:
+                # asyncio.wait raises only our own cancellation, never the waiter's.
+                await asyncio.wait({exited}, timeout=left)
+            except asyncio.CancelledError as exc:
+                cancelled = exc  # held until the process is gone (see the docstring)
+        if cancelled is not None:
+            raise cancelled

@@ -190,6 +190,46 @@ async def test_os_process_killed_with_sigkill_is_restarted(tmp_path: Path) -> No
         os.kill(second, 0)  # stopped with the tree, not left behind
 
 
+# A child that needs a moment to stop cleanly on SIGTERM (as a sandbox host removing its
+# sandboxes does), and one that ignores SIGTERM altogether.
+_SLOW_STOP = """
+import pathlib, signal, sys, time
+def stop(*_):
+    time.sleep(1.5)
+    pathlib.Path(sys.argv[1], "clean").touch()
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+pathlib.Path(sys.argv[1], "ready").touch()
+time.sleep(60)
+"""
+_DEAF = """
+import pathlib, signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+pathlib.Path(sys.argv[1], "ready").touch()
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize(("script", "clean"), [(_SLOW_STOP, True), (_DEAF, False)])
+async def test_a_stopping_os_process_gets_its_term_timeout_however_often_it_is_cancelled(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, script: str, clean: bool) -> None:
+    """The supervisor cancels a child it stops again every 0.2 s; the process still gets its
+    whole term_timeout to exit after SIGTERM, and only one that ignores it is killed."""
+    proc = OsProcess("stopper", [sys.executable, "-c", script, str(tmp_path)], term_timeout=4)
+    sup = Supervisor("procs", [ChildSpec("stopper", proc.run, shutdown=10)])
+    task = await supervise(sup)
+    async with asyncio.timeout(20):
+        while not (tmp_path / "ready").exists():
+            await asyncio.sleep(0.01)
+    pid = proc.pid
+    assert pid is not None
+    await stop(task)
+    assert (tmp_path / "clean").exists() is clean
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert ("ignored SIGTERM" in caplog.text) is not clean, caplog.text
+
+
 async def test_killed_nats_server_is_restarted_with_every_acked_event(tmp_path: Path) -> None:
     server = EmbeddedNats(EmbeddedNatsConfig(store_dir=tmp_path / "nats"))
     await server.start()
