@@ -7,7 +7,7 @@ import contextlib
 import enum
 import gc
 import logging
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -95,21 +95,36 @@ class Delivery:
 
 
 class _Heartbeat:
-    """Sends ``in_progress`` every ``every`` seconds while a handler holds a message."""
+    """Calls ``send`` (an ``in_progress``) every ``every`` seconds until cancelled.
 
-    def __init__(self, delivery: Delivery, every: float) -> None:
-        self.delivery = delivery
+    A timer, not a task: most handlers finish long before the first beat. A beat late by
+    more than ``every`` means the event loop was held: held past the consumer's
+    ``ack_wait``, the message goes to another worker while this one still works on it.
+    """
+
+    def __init__(self, send: Callable[[], Awaitable[None]], every: float, what: str) -> None:
+        self.send = send
         self.every = every
+        self.what = what
         self._beating: asyncio.Task[None] | None = None
-        self._timer = asyncio.get_running_loop().call_later(every, self._beat)
+        loop = asyncio.get_running_loop()
+        self._due = loop.time() + every
+        self._timer = loop.call_later(every, self._beat)
 
     def _beat(self) -> None:
+        late = asyncio.get_running_loop().time() - self._due
+        if late > self.every:
+            log.warning("%s: the event loop was held for %.1fs; a message held past its "
+                        "ack_wait (%.1fs) is delivered again elsewhere. Run blocking code in "
+                        "a thread", self.what, late, 3 * self.every)
         self._beating = asyncio.create_task(self._send())
 
     async def _send(self) -> None:
         with contextlib.suppress(NatsClientError):
-            await self.delivery.in_progress()
-        self._timer = asyncio.get_running_loop().call_later(self.every, self._beat)
+            await self.send()
+        loop = asyncio.get_running_loop()
+        self._due = loop.time() + self.every
+        self._timer = loop.call_later(self.every, self._beat)
 
     def cancel(self) -> None:
         self._timer.cancel()
@@ -228,8 +243,7 @@ class Actor(Generic[M]):
                 await self._reply_error(msg, exc)
             return
         delivery = Delivery(msg, envelope, work)
-        # A timer, not a task per message: most handlers finish long before the first beat.
-        heartbeat = self._arm_heartbeat(delivery) if work else None
+        heartbeat = self._arm_heartbeat(delivery.in_progress) if work else None
         span = tracer.start_as_current_span(
             f"{self.name} process", context=envelope.trace_context(),
             kind=trace.SpanKind.CONSUMER,
@@ -256,9 +270,10 @@ class Actor(Generic[M]):
             assert self.bus is not None
             await self.bus.nc.publish(msg.reply, encode(result), headers=_REPLY_HEADERS)
 
-    def _arm_heartbeat(self, delivery: Delivery) -> _Heartbeat:
+    def _arm_heartbeat(self, send: Callable[[], Awaitable[None]]) -> _Heartbeat:
+        """Keep a work message ours: ``send`` (an ``in_progress``) every ``ack_wait / 3``."""
         assert isinstance(self._spec, WorkQueue)
-        return _Heartbeat(delivery, self._spec.ack_wait / 3)
+        return _Heartbeat(send, self._spec.ack_wait / 3, self.name)
 
     async def _failed_delivery(self, msg: Msg, delivery: Delivery, exc: Exception) -> None:
         assert isinstance(self._spec, WorkQueue)

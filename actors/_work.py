@@ -12,7 +12,11 @@ history, so the happy path costs one fsync per step, the history's). If no owner
 the work item acked.
 
 While a step with a ``heartbeat_timeout`` runs, the worker heartbeats to ``result_to`` so
-the owner can tell a dead worker from a slow one.
+the owner can tell a dead worker from a slow one. Every step also keeps its work item with
+``in_progress`` acks until the item is acked, so the queue redelivers it only after its
+worker has been silent for ``ack_wait`` (5 s): a dead worker's steps run again within
+seconds (on a peer, or on its own restart), and a live worker's stay with it however long
+they run (unless it goes silent: its event loop held, or cut off from the server).
 
 :class:`StepWorker` is the base for every such worker: subclasses implement ``execute``.
 """
@@ -116,7 +120,14 @@ class StepWorker(Actor[WorkItem]):
     message_type = WorkItem
     subjects: ClassVar[list[str]] = []  # or override work_subjects() when they need the prefix
     durable: ClassVar[str] = ""
-    ack_wait: ClassVar[float] = 30.0
+    # How long a silent worker holds a step before the queue hands it to another worker
+    # (or to its own restart). Nothing else gives back the steps of a worker that died:
+    # which worker holds which message is known only to that worker, so neither its
+    # restart under the same id nor a peer can tell them from a live worker's. So the wait
+    # is short, and a live worker keeps a step however long it takes by sending
+    # ``in_progress`` every ``ack_wait / 3`` while the step runs and while its result is
+    # on its way: a step is redelivered only once its worker has been silent this long.
+    ack_wait: ClassVar[float] = 5.0
     max_deliver: ClassVar[int] = 20
     recent_results: ClassVar[int] = 4096
     # How long the owner may take to record a result before we store it durably instead
@@ -197,6 +208,10 @@ class StepWorker(Actor[WorkItem]):
         task.add_done_callback(self._deliveries.discard)
 
     async def _deliver(self, item: WorkItem, result: StepResult, delivery: Delivery) -> None:
+        # The handler's heartbeat ended with it; the item stays ours until it is acked, or a
+        # slow delivery (an owner slow to answer, then a slow store) would let the queue
+        # hand the finished step to another worker, which would run it again.
+        heartbeat = self._arm_heartbeat(delivery.msg.in_progress)
         try:
             await self.reply(item, result)
         except NerveError as exc:
@@ -204,6 +219,8 @@ class StepWorker(Actor[WorkItem]):
             with contextlib.suppress(NatsClientError):
                 await delivery.msg.nak(delay=1.0)
             return
+        finally:
+            heartbeat.cancel()
         with contextlib.suppress(NatsClientError):
             await delivery.msg.ack()
 

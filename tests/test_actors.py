@@ -20,6 +20,9 @@ from actors import (
     Envelope,
     Permanent,
     Requests,
+    StepResult,
+    StepWorker,
+    WorkItem,
     WorkQueue,
     ask,
     decode,
@@ -292,3 +295,50 @@ async def test_a_work_queue_carries_on_after_the_server_restarts(tmp_path: Path)
         await worker.stop()
         await b.close()
         await server.stop()
+
+
+class SlowReplier(StepWorker):
+    """A step worker whose results take longer than ``ack_wait`` to reach the run."""
+
+    ack_wait = 1.0
+    durable = "slow-replier"
+
+    def __init__(self, name: str, log: list[tuple[str, str, int]]) -> None:
+        super().__init__(name)
+        self.log = log
+
+    def work_subjects(self) -> list[str]:
+        assert self.bus is not None
+        return [self.bus.names.work_tool]
+
+    async def execute(self, item: WorkItem, delivery: Delivery) -> str:
+        self.log.append(("execute", self.name, delivery.num_delivered))
+        return "done"
+
+    async def reply(self, item: WorkItem, result: StepResult) -> None:
+        await asyncio.sleep(3 * self.ack_wait)  # an owner slow to answer, a slow store
+        self.log.append(("reply", self.name, 0))
+
+
+async def test_a_step_worker_keeps_a_step_while_its_result_is_on_its_way(bus: Bus) -> None:
+    """The handler's heartbeat ends when the step does; the item stays the worker's until
+    the result is delivered and acked, so a peer never runs the finished step again."""
+    log: list[tuple[str, str, int]] = []
+    workers = [SlowReplier(f"slow-{i}", log) for i in (1, 2)]
+    for w in workers:
+        await w.start(bus)
+    try:
+        item = WorkItem(run_id="r1", tenant="acme", index=1, kind="tool", name="t",
+                        key="r1:1", reply_to=bus.names.inbox("r1"))
+        await bus.js.publish(bus.names.work_tool, encode(item))
+        await until(lambda: any(what == "reply" for what, _, _ in log), timeout=15)
+        async with asyncio.timeout(10):  # acked: gone from the work queue
+            while (await bus.js.stream_info(bus.names.work_stream)).state.messages:
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(2 * SlowReplier.ack_wait)  # time for a wrongful redelivery
+        assert [entry for entry in log if entry[0] == "execute"] == [
+            ("execute", log[0][1], 1)], log
+        assert len([entry for entry in log if entry[0] == "reply"]) == 1, log
+    finally:
+        for w in workers:
+            await w.stop()
