@@ -12,6 +12,8 @@ one, or the strongest isolation that is available here.
 from __future__ import annotations
 
 import abc
+import hashlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -40,7 +42,8 @@ class BackendConfig:
     and a ``sandbox.json`` record that the janitor reads after a crash). ``sandbox_uid`` /
     ``sandbox_gid`` is the unprivileged host identity sandboxes run as (inside they are uid
     1000); pick ids no other host process uses. ``group`` names the cgroup directory
-    sandboxes are created under (below this process's own cgroups).
+    sandboxes are created under (below this process's own cgroups), in a directory of
+    their own per host id and state dir (:attr:`cgroup_parent`).
     """
 
     state_dir: Path = field(default_factory=lambda: Path("/var/lib/nerve/sandbox"))
@@ -55,6 +58,18 @@ class BackendConfig:
     @property
     def sandboxes_dir(self) -> Path:
         return self.state_dir / "sandboxes"
+
+    @property
+    def cgroup_host(self) -> str:
+        """``<host_id>-<digest of the state dir>``: names the cgroup directory of this state
+        dir's sandboxes. A janitor reclaims the cgroups it finds there, so two hosts with
+        the same id (two deployments' ``sandbox-1``) must not share it."""
+        path = os.path.abspath(self.state_dir).encode()
+        return f"{self.host_id}-{hashlib.blake2b(path, digest_size=4).hexdigest()}"
+
+    @property
+    def cgroup_parent(self) -> str:
+        return f"{self.group}/{self.cgroup_host}"
 
 
 class Sandbox(abc.ABC):

@@ -176,7 +176,7 @@ class GvisorBackend(SandboxBackend):
             "linux": {
                 "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount",
                                                      "network")],
-                "cgroupsPath": f"/{self.config.group}-gvisor/{self.config.host_id}/"
+                "cgroupsPath": f"/{self.config.group}-gvisor/{self.config.cgroup_host}/"
                                f"{sb.container}",
                 "resources": {
                     "memory": {"limit": limits.memory_mb << 20},
@@ -187,7 +187,7 @@ class GvisorBackend(SandboxBackend):
         }
 
     def _cgroups_of(self, sb: GvisorSandbox) -> _cgroups.CgroupSet:
-        rel = f"{self.config.group}-gvisor/{self.config.host_id}/{sb.container}"
+        rel = f"{self.config.group}-gvisor/{self.config.cgroup_host}/{sb.container}"
         return _cgroups.CgroupSet("v1", {c: _cgroups.CGROUP_ROOT / c / rel
                                          for c in _cgroups.V1_CONTROLLERS})
 

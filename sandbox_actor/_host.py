@@ -8,9 +8,16 @@ reports a takeover to the run's inbox (``SandboxNotice`` ``lost`` then ``restore
 re-creates the sandbox's durable consumer (so a step the dead owner held is redelivered
 at once instead of after ``ack_wait``) and starts a :class:`SandboxWorker` on it.
 
-At start-up a janitor reclaims what a previous, crashed instance on this state dir left
-behind (cgroups, mounts, directories, processes). If the host loses its lease it stops
-every sandbox: someone else may already own them.
+A sandbox lives as long as its run (see :mod:`sandbox_actor._ended`): the host destroys it
+when the run's end is announced (``<prefix>.ctl.run.<id>.ended``) or when its sweep finds
+the end in the run's history, and never brings up or adopts one whose run has ended. A
+bring-up that fails (a server that lost the work stream, a restore that timed out) is
+retried with backoff while the assignment is still this host's.
+
+At start-up the host locks its state dir (one live host per state dir), then a janitor
+reclaims what a previous, crashed instance on this state dir left behind (cgroups, mounts,
+directories, processes). If the host loses its lease it stops every sandbox: someone else
+may already own them.
 """
 
 from __future__ import annotations
@@ -27,10 +34,16 @@ from nats.errors import Error as NatsClientError
 from nats.js.errors import NotFoundError
 
 from actors import encode, stop_task
-from bus import Bus, Names
-from nerve import LeaseLostError
+from bus import Bus, Names, PidLock
+from nerve import ConfigError, LeaseLostError
 from persistence import SandboxNotice
 from sandbox_actor._backend import SandboxBackend
+from sandbox_actor._ended import (
+    clear_work,
+    run_ended,
+    run_ended_subject,
+    run_id_of_ended_subject,
+)
 from sandbox_actor._pool import WarmPool
 from sandbox_actor._records import Assignments, SandboxAssignment, parse_key
 from sandbox_actor._runner import RunnerConfig, SandboxRunner
@@ -59,6 +72,12 @@ class HostConfig:
     runner: RunnerConfig | None = None
     cache_dir: Path | None = None
     stream_output: bool = True
+    # How often the sandboxes here are checked for a run that ended without a notice
+    # reaching this host (an orchestrator that died right after the end, a reconnect).
+    sweep_every: float = 10.0
+    # A failed bring-up is tried again after this long, doubling up to ``retry_max``.
+    retry_first: float = 0.5
+    retry_max: float = 10.0
 
 
 @dataclass(eq=False)
@@ -87,6 +106,9 @@ class SandboxHost:
         self._watch_task: asyncio.Task[None] | None = None
         self._failed: asyncio.Future[None] | None = None
         self.reclaimed: list[str] = []
+        self._state_lock: PidLock | None = None
+        self._ended_sub = None
+        self._sweep_task: asyncio.Task[None] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
     def _lease_data(self) -> dict[str, object]:
@@ -110,17 +132,44 @@ class SandboxHost:
         if self.state is not HostState.NEW:
             raise RuntimeError(f"sandbox host {self.host_id} cannot start from {self.state}")
         self._failed = asyncio.get_running_loop().create_future()
-        await self.backend.start()
-        self.reclaimed = await self.backend.reclaim_orphans()
-        if self.reclaimed:
-            log.warning("host %s: janitor reclaimed %d leftovers: %s", self.host_id,
-                        len(self.reclaimed), "; ".join(self.reclaimed))
-        await self.lease.wait_acquire(timeout=self.config.lease_ttl * 3)
+        await self._lock_state_dir()
+        try:
+            await self.backend.start()
+            self.reclaimed = await self.backend.reclaim_orphans()
+            if self.reclaimed:
+                log.warning("host %s: janitor reclaimed %d leftovers: %s", self.host_id,
+                            len(self.reclaimed), "; ".join(self.reclaimed))
+            await self.lease.wait_acquire(timeout=self.config.lease_ttl * 3)
+        except BaseException:
+            self._unlock_state_dir()
+            raise
         self.lease.keep_alive(on_lost=self._lease_lost)
         await self.pool.start()
+        self._ended_sub = await self.bus.nc.subscribe(run_ended_subject(self.bus.names),
+                                                      cb=self._on_run_ended)
         self._watch_task = asyncio.create_task(self._watch(), name=f"host-watch:{self.host_id}")
+        self._sweep_task = asyncio.create_task(self._sweep_loop(),
+                                               name=f"host-sweep:{self.host_id}")
         self.state = HostState.RUNNING
         log.info("sandbox host %s running (%s backend)", self.host_id, self.backend.name)
+
+    async def _lock_state_dir(self) -> None:
+        # Two live hosts on one state dir would take each other's sandboxes for a crashed
+        # instance's leftovers (the janitor) and share cgroups: refuse the second.
+        state_dir = Path(self.backend.config.state_dir)
+        await asyncio.to_thread(state_dir.mkdir, parents=True, exist_ok=True)
+        lock = PidLock(state_dir / "host.lock")
+        if not await lock.acquire(wait=1.0):
+            raise ConfigError(
+                f"sandbox state dir {state_dir} is in use by another sandbox host (pid "
+                f"{lock.holder()}); give each host its own (--set sandbox.state_dir=..., or "
+                f"its own nerve up --data-dir)", state_dir=str(state_dir))
+        self._state_lock = lock
+
+    def _unlock_state_dir(self) -> None:
+        if self._state_lock is not None:
+            self._state_lock.release()
+            self._state_lock = None
 
     async def run(self) -> None:
         """Start, serve until cancelled (or the lease is lost), then stop. A supervisor child."""
@@ -142,6 +191,11 @@ class SandboxHost:
             return
         self.state = HostState.STOPPING
         errors: list[BaseException] = []
+        if self._ended_sub is not None:
+            with contextlib.suppress(NatsClientError):
+                await self._ended_sub.unsubscribe()
+            self._ended_sub = None
+        await stop_task(self._sweep_task)
         if self._watch_task is not None:
             await stop_task(self._watch_task)
         for task in list(self._starting.values()) + list(self._tasks):
@@ -158,6 +212,7 @@ class SandboxHost:
         await self.backend.stop()
         with contextlib.suppress(NatsClientError, TimeoutError):
             await self.lease.release()
+        self._unlock_state_dir()
         self.state = HostState.STOPPED
         if errors:
             raise errors[0]
@@ -212,23 +267,75 @@ class SandboxHost:
                 sid not in self._starting:
             task = asyncio.create_task(self._bring_up(record, revision), name=f"up:{sid}")
             self._starting[sid] = task
-            task.add_done_callback(lambda _t, s=sid: self._starting.pop(s, None))
+
+            def started(t: asyncio.Task[None], s: str = sid) -> None:
+                if self._starting.get(s) is t:
+                    del self._starting[s]
+                self._reap(t)
+
+            task.add_done_callback(started)
 
     async def _adopt(self, record: SandboxAssignment, revision: int) -> None:
-        moved = record.model_copy(update={
-            "generation": record.generation + 1, "state": "assigned",
-            "prev_host": record.host, "reason": f"host {record.host} restarted"})
-        await self.assignments.put(moved, revision)  # the watch then brings it up
+        delay = self.config.retry_first
+        while True:
+            try:
+                if await self._retire_if_ended(record, revision):
+                    return  # its run ended while this host was down: not restored
+                moved = record.model_copy(update={
+                    "generation": record.generation + 1, "state": "assigned",
+                    "prev_host": record.host, "reason": f"host {record.host} restarted"})
+                await self.assignments.put(moved, revision)  # the watch then brings it up
+                return  # (or someone changed it first: theirs)
+            except (NatsClientError, TimeoutError) as exc:
+                log.warning("host %s could not adopt sandbox %s yet (%r); retrying in "
+                            "%.1fs", self.host_id, record.sandbox_id, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.config.retry_max)
 
     def _spawn(self, coro, name: str) -> None:
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._reap)
+
+    def _reap(self, task: asyncio.Task[None]) -> None:
+        """A host task ended: forget it, and log what it raised (nobody awaits it)."""
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("host %s: %s failed: %r", self.host_id, task.get_name(), exc,
+                      exc_info=exc)
 
     async def _bring_up(self, record: SandboxAssignment, revision: int) -> None:
+        """Bring the sandbox up, retrying with backoff while the assignment is still ours."""
+        sid = record.sandbox_id
+        delay = self.config.retry_first
+        while True:
+            try:
+                await self._try_bring_up(record, revision)
+                return
+            except Exception as exc:
+                log.warning("host %s could not bring up sandbox %s (%r); trying again in "
+                            "%.1fs", self.host_id, sid, exc, delay,
+                            exc_info=delay == self.config.retry_first)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.config.retry_max)
+            try:
+                found = await self.assignments.get(sid)
+            except (NatsClientError, TimeoutError) as exc:
+                log.warning("host %s: cannot read sandbox %s's assignment (%r)", self.host_id,
+                            sid, exc)
+                continue
+            if found is None or found[0].host != self.host_id or \
+                    found[0].state not in ("assigned", "running") or \
+                    found[0].generation != record.generation:
+                return  # not ours any more (moved, destroyed): nothing to bring up
+            record, revision = found
+
+    async def _try_bring_up(self, record: SandboxAssignment, revision: int) -> None:
         sid = record.sandbox_id
         if sid in self._slots:
             await self._drop(sid, destroy=True)
+        if await self._retire_if_ended(record, revision):
+            return
         runner = SandboxRunner(record=record, revision=revision, backend=self.backend,
                                store=self.store, assignments=self.assignments,
                                host_id=self.host_id, config=self.config.runner or RunnerConfig(),
@@ -238,19 +345,24 @@ class SandboxHost:
             await runner.mark_running()
         except LeaseLostError:
             await runner.stop()
-            return
-        except Exception as exc:
-            log.exception("host %s could not bring up sandbox %s: %r", self.host_id, sid, exc)
+            return  # reassigned meanwhile: the new owner brings it up
+        except BaseException:
             await runner.stop()
-            return
+            raise
         slot = _Slot(runner)
         self._slots[sid] = slot
         self.lease.data = self._lease_data()
-        if record.prev_host is not None:
-            await self._notify(runner, record)
-        await self._reset_consumer(sid)
-        worker = SandboxWorker(runner, self, stream_output=self.config.stream_output)
-        await worker.start(self.bus)
+        try:
+            if record.prev_host is not None:
+                await self._notify(runner, record)
+            await self._reset_consumer(sid)
+            worker = SandboxWorker(runner, self, stream_output=self.config.stream_output)
+            await worker.start(self.bus)
+        except BaseException:
+            # Not serving: give the slot back; the retry starts from the assignment again.
+            if self._slots.get(sid) is slot:
+                await self._drop(sid, destroy=True)
+            raise
         slot.worker = worker
         log.info("host %s runs sandbox %s (generation %d, from %s)", self.host_id, sid,
                  record.generation, runner.restored_from or "empty")
@@ -285,6 +397,70 @@ class SandboxHost:
             except (NatsClientError, TimeoutError) as exc:
                 log.warning("could not report %s of sandbox %s: %r", notice.event, sid, exc)
 
+    # -- ended runs -----------------------------------------------------------------------
+    async def _on_run_ended(self, msg) -> None:
+        run_id = run_id_of_ended_subject(msg.subject)
+        for sid, slot in list(self._slots.items()):
+            if (slot.runner.record.run_id or sid) == run_id:
+                status = msg.data.decode(errors="replace") or "ended"
+                self._spawn(self._retire(sid, slot, f"run {run_id} {status}"), f"retire:{sid}")
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.sweep_every)
+            try:
+                await self.sweep()
+            except (NatsClientError, TimeoutError) as exc:
+                log.warning("host %s: sweep for ended runs failed (%r)", self.host_id, exc)
+            except Exception:
+                # A backend that fails to destroy one sandbox must not end the sweeps.
+                log.exception("host %s: sweep for ended runs failed", self.host_id)
+
+    async def sweep(self) -> list[str]:
+        """Destroy the sandboxes here whose run has ended (its history's last record says
+        so); returns their ids. The backstop for a run-end notice that never came."""
+        done = []
+        for sid, slot in list(self._slots.items()):
+            run_id = slot.runner.record.run_id or sid
+            ended = await run_ended(self.bus, run_id)
+            if ended is not None and self._slots.get(sid) is slot:
+                await self._retire(sid, slot, f"run {run_id} {ended.removeprefix('run_')} "
+                                              "(found by the sweep)")
+                done.append(sid)
+        return done
+
+    async def _retire(self, sid: str, slot: _Slot, reason: str) -> None:
+        """The sandbox's run ended: destroy it here, free its slot, mark it destroyed."""
+        if self._slots.get(sid) is not slot:
+            return  # already dropped (a notice and the sweep, or a move)
+        runner = slot.runner
+        runner.fenced = True  # a step in flight commits, publishes and restores nothing
+        await self._drop(sid, destroy=True)
+        await self._mark_destroyed(runner.record, runner.revision, reason)
+
+    async def _retire_if_ended(self, record: SandboxAssignment, revision: int) -> bool:
+        """Before bringing up or adopting: if the sandbox's run has ended, mark it destroyed
+        instead (nothing is started or restored). True if it had."""
+        ended = await run_ended(self.bus, record.run_id or record.sandbox_id)
+        if ended is None:
+            return False
+        await self._mark_destroyed(record, revision, f"run {record.run_id or record.sandbox_id}"
+                                                     f" {ended.removeprefix('run_')}")
+        return True
+
+    async def _mark_destroyed(self, record: SandboxAssignment, revision: int,
+                              reason: str) -> None:
+        done = record.model_copy(update={"state": "destroyed", "reason": reason})
+        if await self.assignments.put(done, revision) is None:
+            # Changed meanwhile (moved, or destroyed by someone else): the sandbox is gone
+            # from here all the same; whoever holds the record now decides the rest.
+            log.info("host %s: sandbox %s changed hands before it was marked destroyed",
+                     self.host_id, record.sandbox_id)
+        await clear_work(self.bus, record.sandbox_id)
+        log.info("host %s destroyed sandbox %s: %s (snapshots kept for forks)", self.host_id,
+                 record.sandbox_id, reason)
+
+    # -- dropping -------------------------------------------------------------------------
     def fenced(self, runner: SandboxRunner) -> None:
         """A worker found its sandbox taken over: drop it."""
         sid = runner.sandbox_id

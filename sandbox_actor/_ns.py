@@ -423,7 +423,7 @@ class NsBackend(SandboxBackend):
             self._reclaim_dir(d)
         d.mkdir(mode=0o711)
         cgroups = _cgroups.CgroupSet.create(self.cgroup_version or "v1",
-                                            f"{cfg.group}/{cfg.host_id}", sid)
+                                            cfg.cgroup_parent, sid)
         sb = NsSandbox(sandbox_id=sid, spec=spec, backend=self, dir=d, cgroups=cgroups)
         self._write_record(sb)  # before anything can leak, so the janitor can find it
         limits = spec.limits
@@ -758,7 +758,7 @@ class NsBackend(SandboxBackend):
                 done.append(f"sandbox {d.name}" + (f" ({'; '.join(problems)})"
                                                    if problems else ""))
         if self.cgroup_version is not None:
-            group = f"{self.config.group}/{self.config.host_id}"
+            group = self.config.cgroup_parent
             bases = _cgroups.CgroupSet.base_paths(self.cgroup_version, group)
             names = {p.name for base in bases.values() if base.exists()
                      for p in base.iterdir() if p.is_dir()}

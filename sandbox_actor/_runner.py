@@ -198,14 +198,26 @@ class SandboxRunner:
 
     async def _recover(self, reason: str) -> None:
         """Replace a dead sandbox with one restored from the last good snapshot."""
+        self._check_fence(reason)
         old = self.sandbox
         if old is not None:
             await self.backend.destroy(old)
         spec = self.record.spec.model_copy(update={"sandbox_id": self.sandbox_id})
         self.sandbox = None
-        self.sandbox = await self._materialize(spec)
+        fresh = await self._materialize(spec)
+        if self.fenced:
+            # Taken away (or its run ended) while we restored: nobody would destroy it.
+            await self.backend.destroy(fresh)
+            self._check_fence(reason)
+        self.sandbox = fresh
         log.info("sandbox %s restored from %s after: %s", self.sandbox_id,
                  self.restored_from or "nothing (empty workspace)", reason)
+
+    def _check_fence(self, why: str) -> None:
+        if self.fenced:
+            raise Fenced(f"sandbox {self.sandbox_id} is no longer host {self.host_id}'s "
+                         f"(moved, or its run ended); not restoring it after: {why}",
+                         sandbox_id=self.sandbox_id)
 
     async def _run_op(self, sb: Sandbox, item: WorkItem, on_output: OutputCallback | None
                       ) -> Any:

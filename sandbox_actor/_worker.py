@@ -8,7 +8,7 @@ from typing import Any
 from nats.errors import Error as NatsClientError
 
 from actors import Delivery, StepWorker, WorkItem, WorkQueue, encode
-from bus import Names
+from bus import Names, StreamLimits, stream_configs
 from persistence import StreamEvent
 from sandbox_actor._runner import Fenced, SandboxRunner
 
@@ -38,10 +38,15 @@ class SandboxWorker(StepWorker):
     def mailbox(self) -> WorkQueue:
         assert self.bus is not None
         sid = self.runner.sandbox_id
-        return WorkQueue(stream=self.bus.names.work_stream,
-                         subjects=[self.bus.names.work_sandbox(sid)],
+        # With the work stream's config, as every step worker's: a restarted server has
+        # lost that (in-memory) stream, and this mailbox re-creates it instead of failing.
+        names = self.bus.names
+        config = next(c for c in stream_configs(names, StreamLimits())
+                      if c.name == names.work_stream)
+        return WorkQueue(stream=names.work_stream, subjects=[names.work_sandbox(sid)],
                          durable=Names.sandbox_durable(sid), ack_wait=self.ack_wait,
-                         max_deliver=self.max_deliver, backoff=(0.1, 0.5, 2.0))
+                         max_deliver=self.max_deliver, backoff=(0.1, 0.5, 2.0),
+                         stream_config=config)
 
     async def handle(self, message: WorkItem, delivery: Delivery) -> None:
         if not self.host.lease_held:

@@ -23,6 +23,7 @@ import pytest
 from actors import unpack
 from bus import Bus
 from persistence import StreamEvent
+from sandbox_actor import BackendConfig
 from sandbox_actor._cgroups import CgroupSet, detect
 from sandbox_actor._fs import mounts_under
 from sandbox_actor._placement import Placement
@@ -160,7 +161,8 @@ async def test_host_sigkill_mid_step_and_after_commit(bus: Bus, hosts: dict[str,
         h = hosts[dead]
         version = detect()
         assert version is not None
-        bases = CgroupSet.base_paths(version, f"nerve-sandbox/{dead}")
+        bases = CgroupSet.base_paths(
+            version, BackendConfig(state_dir=h.state, host_id=dead).cgroup_parent)
         leftovers = [p for base in bases.values() if base.exists() for p in base.iterdir()
                      if p.is_dir()]
         for cg in leftovers:
