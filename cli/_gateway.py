@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--model", default=None, help="default model (NERVE_LLM_MODEL)")
     p.add_argument("--ack-wait", type=float, default=None,
                    help="seconds before a silent instance's work item goes to another "
-                        "(default 30)")
+                        "(default 5; a live one keeps its items with heartbeats)")
     p.set_defaults(func=lambda args: run(_serve(args)))
 
 

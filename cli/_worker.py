@@ -28,7 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("worker", help="run one role (orchestrator, gateway, sandbox, ...)")
     p.add_argument("--role", required=True, choices=sorted(ROLES))
     p.add_argument("--id", default=None, help="a stable id for this process (default: "
-                   "<role>-<hostname>); a restart under the same id resumes its work at once")
+                   "<role>-<hostname>). An orchestrator restarted under the same id takes its "
+                   "runs back at once; two live orchestrators need two ids. A step worker's "
+                   "unfinished steps come back within seconds, to it or a peer")
     p.add_argument("--workflows", action="append", default=[],
                    help="import this module first (it registers workflows/activities/tools); "
                         "repeatable, or NERVE_WORKFLOWS=a,b")

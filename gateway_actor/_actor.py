@@ -65,7 +65,6 @@ class GatewayActor(StepWorker):
 
     durable = "gateway"
     concurrency = 64
-    ack_wait = 30.0
 
     def __init__(self, config: GatewayConfig | None = None, *,
                  ledger: BudgetLedger | None = None, prices: PriceTable | None = None,

@@ -20,7 +20,7 @@ from actors import Delivery, StepWorker, WorkItem, decode, unpack
 from budget_actor import PRICES, BudgetActor, Ledger, Limits, TripEvent, Usage
 from bus import Bus
 from gateway_actor._protocol import LLMRequest, LLMResponse, TextBlock
-from nerve import RunHalted
+from nerve import Conflict, RunHalted
 from persistence import CancelRequested, RunCancelled
 from workflow import NerveClient, Orchestrator, RunContext, WorkflowRegistry
 
@@ -171,11 +171,12 @@ async def test_a_kill_stops_every_run_of_the_tenant_and_its_llm_calls_only(
     for run_id in acme:
         summary = await client.wait(run_id, timeout=30)
         assert summary.status == "cancelled"
-    # Signals to the dead runs change nothing; a new task of the tenant is refused.
+    # Signals to the dead runs are refused; a new task of the tenant is refused too.
     rejected: asyncio.Queue[Any] = asyncio.Queue()
     await bus.nc.subscribe(bus.names.tasks_rejected, cb=rejected.put)
     for run_id in acme:
-        await client.signal(run_id, "go")
+        with pytest.raises(Conflict):  # the client refuses: the run has ended
+            await client.signal(run_id, "go")
     refused_run = await client.submit("acme", workflow="chatty", input={})
     notice = unpack((await asyncio.wait_for(rejected.get(), 30)).data)
     assert notice["run_id"] == refused_run and "killed" in notice["reason"]
