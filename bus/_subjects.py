@@ -162,6 +162,11 @@ class Names:
     def ctl(self, suffix: str = ">") -> str:
         return f"{self.prefix}.ctl.{suffix}"
 
+    def run_ended(self, run_id: str = "*") -> str:
+        """Where the orchestrator that records a run's end says so (core NATS, best effort):
+        the host running the run's sandbox destroys it."""
+        return f"{self.prefix}.ctl.run.{self._id(run_id, 'run id')}.ended"
+
     def tenant_kill(self, tenant: str = "*") -> str:
         return f"{self.prefix}.ctl.tenant.{self._id(tenant, 'tenant')}.kill"
 

@@ -34,12 +34,6 @@ from persistence import TERMINAL_TYPES, RunHistory
 log = logging.getLogger("nerve.sandbox.ended")
 
 
-def run_ended_subject(names: Names, run_id: str = "*") -> str:
-    """``<prefix>.ctl.run.<run_id>.ended``: where an orchestrator says a run ended (the
-    driver of ``workflow`` publishes it; keep the two in step)."""
-    return names.ctl(f"run.{run_id}.ended")
-
-
 def run_id_of_ended_subject(subject: str) -> str:
     return subject.rsplit(".", 2)[-2]
 

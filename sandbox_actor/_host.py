@@ -41,7 +41,6 @@ from sandbox_actor._backend import SandboxBackend
 from sandbox_actor._ended import (
     clear_work,
     run_ended,
-    run_ended_subject,
     run_id_of_ended_subject,
 )
 from sandbox_actor._pool import WarmPool
@@ -145,7 +144,7 @@ class SandboxHost:
             raise
         self.lease.keep_alive(on_lost=self._lease_lost)
         await self.pool.start()
-        self._ended_sub = await self.bus.nc.subscribe(run_ended_subject(self.bus.names),
+        self._ended_sub = await self.bus.nc.subscribe(self.bus.names.run_ended(),
                                                       cb=self._on_run_ended)
         self._watch_task = asyncio.create_task(self._watch(), name=f"host-watch:{self.host_id}")
         self._sweep_task = asyncio.create_task(self._sweep_loop(),

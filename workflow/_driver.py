@@ -238,7 +238,7 @@ class RunDriver:
         sandbox destroys it now; a host's sweep finds an end whose announcement was lost."""
         await self.orch.release_run(self.run_id)
         with contextlib.suppress(NatsClientError):
-            await self.bus.nc.publish(self.names.ctl(f"run.{self.run_id}.ended"),
+            await self.bus.nc.publish(self.names.run_ended(self.run_id),
                                       self.status.encode())
 
     async def _teardown(self) -> None:
