@@ -73,7 +73,8 @@ def resolve_url(args: argparse.Namespace) -> tuple[str, str]:
     return state["nats_url"], args.prefix or state.get("prefix", prefix)
 
 
-def _alive(pid: Any) -> bool:
+def alive(pid: Any) -> bool:
+    """Whether process ``pid`` exists (ours or another user's)."""
     if not isinstance(pid, int):
         return False
     try:
@@ -95,7 +96,7 @@ async def connect_target(args: argparse.Namespace, name: str = "nerve-cli",
     except BusError as exc:
         state = None if args.nats_url or os.environ.get(NATS_URL_ENV) else read_state(
             args.data_dir or default_data_dir())
-        if state is not None and not _alive(state.get("pid")):
+        if state is not None and not alive(state.get("pid")):
             data_dir = args.data_dir or default_data_dir()
             raise BusError(f"the nerve recorded in {data_dir / STATE_FILE} (pid "
                            f"{state.get('pid')}) is not running any more: start it again "

@@ -200,6 +200,13 @@ async def test_a_sigkilled_role_comes_back_and_ctrl_c_stops_everything(
                             "--input", '{"tools": []}', "--data-dir", str(data))
     assert json.loads(out)["result"]["answer"] == "still here"
 
+    # The embedded server too: it comes back, and nerve.json names the new one.
+    os.kill(nats_pid, signal.SIGKILL)
+    async with asyncio.timeout(30):
+        while state(data)["nats_pid"] == nats_pid or not alive(state(data)["nats_pid"]):
+            await asyncio.sleep(0.1)
+    new_nats_pid = state(data)["nats_pid"]
+
     # Ctrl-C in a terminal: SIGINT to the whole foreground process group at once. nerve
     # up stops the roles, then the server, in order: nothing stops under the others.
     os.killpg(proc.pid, signal.SIGINT)
@@ -209,7 +216,7 @@ async def test_a_sigkilled_role_comes_back_and_ctrl_c_stops_everything(
     assert "nerve: stopping" in said
     for trouble in ("Traceback", "crashed", "unexpectedly", "ignored SIGTERM"):
         assert trouble not in said.split("nerve: stopping")[1], said
-    everyone = [r["pid"] for r in after.values()] + [nats_pid]
+    everyone = [r["pid"] for r in after.values()] + [nats_pid, new_nats_pid]
     assert not any(alive(pid) for pid in everyone)
     assert not (data / "nerve.json").exists()
 
