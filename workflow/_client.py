@@ -309,10 +309,11 @@ class NerveClient:
             await sub.unsubscribe()
 
 
-def _valid(model: type[M], what: str, **fields: Any) -> M:
-    """``model(**fields)``, or a ConfigError naming the first field that is wrong."""
+def _valid(model_type: type[M], what: str, /, **fields: Any) -> M:
+    """``model_type(**fields)``, or a ConfigError naming the first field that is wrong.
+    Positional-only: a task has a field called ``model``."""
     try:
-        return model(**fields)
+        return model_type(**fields)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or what
