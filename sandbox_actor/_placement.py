@@ -203,8 +203,11 @@ class Placement:
         for rec in self.index.values():
             if rec.host in load and rec.state in ("assigned", "running"):
                 load[rec.host] += 1
-        for host in self._choosing.values():
-            if host in load:
+        for sid, host in self._choosing.items():
+            rec = self.index.get(sid)
+            # The watch may have indexed the assignment being written already: count it once.
+            if host in load and not (rec is not None and rec.host == host
+                                     and rec.state in ("assigned", "running")):
                 load[host] += 1
         return load
 

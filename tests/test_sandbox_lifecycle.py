@@ -113,7 +113,7 @@ async def test_runs_past_capacity_all_finish_and_each_ended_sandbox_is_destroyed
         told = {e.run_id for e in waiting}
         assert len(told) >= 3, waiting
         assert all("capacity" in e.data["waiting"] and "cap2 2/2" in e.data["waiting"]
-                   for e in waiting)
+                   for e in waiting), [e.data for e in waiting]
 
         async def all_destroyed() -> bool:
             states = [await _state(bus, r) for r in runs]
