@@ -453,3 +453,31 @@ async def test_blocking_or_unwakeable_workflow_code_is_reported(
     assert "use ctx.sleep instead of time.sleep" in caplog.text
     await client.cancel(run_id)  # a cancel still wakes it
     assert (await client.wait(run_id, timeout=20)).status == "cancelled"
+
+
+STOPPED: list[str] = []
+
+
+@acts.register
+async def outlives_its_timeout(actx: ActivityContext) -> None:
+    try:
+        await asyncio.sleep(30)
+    except asyncio.CancelledError:
+        STOPPED.append(actx.key)
+        raise
+
+
+@wf.register(name="times_out")
+async def times_out(ctx: RunContext, inp: dict[str, Any]) -> Any:
+    await ctx.activity(outlives_its_timeout, retry=RetryPolicy(max_attempts=1, timeout=0.5))
+
+
+async def test_an_activity_past_its_timeout_is_stopped_not_left_running(
+        engine: tuple[Orchestrator, NerveClient]) -> None:
+    _, client = engine
+    run_id = await client.submit("acme", workflow="times_out", input={})
+    summary = await client.wait(run_id, timeout=20)
+    assert summary.status == "failed" and summary.error["fields"]["error_type"] == "StepTimeout"
+    async with asyncio.timeout(10):  # the worker stops it too, at the same deadline
+        while f"{run_id}:0" not in STOPPED:
+            await asyncio.sleep(0.05)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from actors import Delivery, StepWorker, WorkItem
-from nerve import ConfigError
+from nerve import ConfigError, StepError
 from workflow._definition import ActivityRegistry, activities
 
 
@@ -74,4 +75,16 @@ class ActivityWorker(StepWorker):
                 retryable=True) from None
         actx = ActivityContext(item.key, item.run_id, item.tenant, item.index, item.attempt,
                                item.name)
-        return await call_activity(fn, actx, item.args)
+        # Past its timeout the owner has given up on this attempt (and may have started the
+        # next): an async activity is cancelled there rather than left running beside it. A
+        # plain function in its thread cannot be stopped; its result is then ignored.
+        left = None if item.deadline is None else item.deadline - time.time()
+        try:
+            async with asyncio.timeout(left):
+                return await call_activity(fn, actx, item.args)
+        except TimeoutError:
+            if left is not None and time.time() >= item.deadline:  # type: ignore[operator]
+                raise StepError(f"attempt {item.attempt} of step {item.index} (activity "
+                                f"{item.name}) was stopped at its timeout", run_id=item.run_id,
+                                index=item.index, retryable=True) from None
+            raise
