@@ -65,8 +65,10 @@ async def test_gvisor_snapshot_and_fork_carry_process_memory(backend: GvisorBack
     store = WorkspaceStore(bus)
     sb = await backend.create(SandboxSpec(sandbox_id="gv-origin"))
     # A process that holds state only in memory: a counter server on a FIFO-free socket.
-    await sb.exec(sh("echo base > f; (python3 -c \"import time\nn=0\nwhile True:\n"
-                     " n+=1; open('/tmp/beat','w').write(str(n)); time.sleep(0.05)\" &)"))
+    # It replaces the file whole: a reader never catches it truncated and still empty.
+    await sb.exec(sh("echo base > f; (python3 -c \"import os, time\nn=0\nwhile True:\n"
+                     " n+=1; open('/tmp/beat.t','w').write(str(n)); "
+                     "os.replace('/tmp/beat.t', '/tmp/beat'); time.sleep(0.05)\" &)"))
     ref = await backend.snapshot(sb, store, seq=1, step_index=1, step_key="r:1")
     manifest = await store.get_manifest(ref.name)
     assert manifest.kind == "gvisor" and manifest.image_size > 0
