@@ -10,10 +10,14 @@ import itertools
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from bus import Bus, ConnectOptions, EmbeddedNats, EmbeddedNatsConfig, connect, provision
+
+if TYPE_CHECKING:
+    from sandbox_actor._placement import Placement
 
 _prefixes = itertools.count(1)
 
@@ -47,3 +51,14 @@ def store_dir(tmp_path: Path) -> Path:
 @pytest.fixture(autouse=True)
 def _quiet_nats_logs(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="nerve")
+
+
+@pytest.fixture
+async def placement(bus: Bus) -> AsyncIterator[Placement]:
+    """Sandbox placement for the test's bus (the sandbox tests share it)."""
+    from sandbox_actor._placement import Placement
+
+    p = Placement(bus, reconcile_every=0.5)
+    await p.start()
+    yield p
+    await p.stop()

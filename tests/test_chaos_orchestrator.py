@@ -13,7 +13,6 @@ import contextlib
 import os
 import random
 import signal
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -24,35 +23,22 @@ from bus import Bus, ConnectOptions, EmbeddedNats, EmbeddedNatsConfig, connect, 
 from nerve import NatsServerCrashed, RunNotFound
 from persistence import OwnerChanged, RunHistory, StepCompleted, direct_get_subject
 from persistence._history import H_WRITER
+from tests.role_procs import RoleProcs
 from workflow import ActivityWorker, NerveClient, Orchestrator, RunRecord, WorkflowRegistry
 
 pytestmark = pytest.mark.timeout(180)
 
 
-class OrchestratorProcs:
-    """Starts orchestrator worker processes for one test and cleans them all up."""
+class OrchestratorProcs(RoleProcs):
+    """Orchestrator processes running the chaos workflows, counting effects in ``effects``."""
 
     def __init__(self, server: EmbeddedNats, prefix: str, effects: Path) -> None:
-        self.server, self.prefix, self.effects = server, prefix, effects
-        self.procs: list[asyncio.subprocess.Process] = []
-        self.settings = ["host_ttl=1"]  # --set for every process started from now on
+        super().__init__(server, prefix, "orchestrator", "tests.chaos_workflows",
+                         settings=["host_ttl=1"], env={"NERVE_TEST_EFFECTS": str(effects)})
+        self.effects = effects
 
     async def start(self, ident: str, crash_at: str = "") -> asyncio.subprocess.Process:
-        env = dict(os.environ, NERVE_CRASH_AT=crash_at, NERVE_TEST_EFFECTS=str(self.effects))
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "cli", "worker", "--role", "orchestrator", "--id", ident,
-            "--nats-url", self.server.url, "--prefix", self.prefix,
-            "--workflows", "tests.chaos_workflows",
-            *(arg for pair in self.settings for arg in ("--set", pair)),
-            env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
-        self.procs.append(proc)
-        return proc
-
-    async def close(self) -> None:
-        for proc in self.procs:
-            if proc.returncode is None:
-                proc.kill()
-            await proc.wait()
+        return await super().start(ident, NERVE_CRASH_AT=crash_at)
 
 
 @pytest.fixture

@@ -85,14 +85,6 @@ async def host(bus: Bus) -> AsyncIterator[SandboxHost]:
     shutil.rmtree(backend.config.state_dir, ignore_errors=True)
 
 
-@pytest.fixture
-async def placement(bus: Bus) -> AsyncIterator[Placement]:
-    p = Placement(bus, reconcile_every=0.5)
-    await p.start()
-    yield p
-    await p.stop()
-
-
 async def test_work_for_a_new_sandbox_is_placed_run_and_snapshotted(
         bus: Bus, host: SandboxHost, placement: Placement) -> None:
     run_id = "run-a"

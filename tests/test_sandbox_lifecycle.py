@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import gc
 import shutil
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -77,14 +76,6 @@ async def _durables(bus: Bus) -> set[str]:
     names = bus.names
     return {c.name for c in await bus.js.consumers_info(names.work_stream)
             if c.name.startswith("sandbox_")}
-
-
-@pytest.fixture
-async def placement(bus: Bus) -> AsyncIterator[Placement]:
-    p = Placement(bus, reconcile_every=0.5)
-    await p.start()
-    yield p
-    await p.stop()
 
 
 async def test_runs_past_capacity_all_finish_and_each_ended_sandbox_is_destroyed(

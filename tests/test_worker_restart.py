@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,6 +22,7 @@ import pytest
 from actors import StepWorker
 from bus import Bus, EmbeddedNats
 from persistence import StepCompleted
+from tests.role_procs import RoleProcs
 from workflow import ActivityContext, NerveClient, Orchestrator, RunContext, activity, workflow
 
 pytestmark = pytest.mark.timeout(120)
@@ -48,33 +48,12 @@ async def worker_restart_run(ctx: RunContext, inp: dict[str, Any]) -> str:
     return await ctx.activity(worker_restart_long, inp["log"], inp["seconds"])
 
 
-class Workers:
-    """`nerve worker --role activity` processes for one test, all killed at its end."""
-
-    def __init__(self, server: EmbeddedNats, prefix: str) -> None:
-        self.server, self.prefix = server, prefix
-        self.procs: list[asyncio.subprocess.Process] = []
-
-    async def start(self, ident: str) -> asyncio.subprocess.Process:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "cli", "worker", "--role", "activity", "--id", ident,
-            "--nats-url", self.server.url, "--prefix", self.prefix, "--workflows", MODULE,
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
-        self.procs.append(proc)
-        return proc
-
-    async def close(self) -> None:
-        for proc in self.procs:
-            if proc.returncode is None:
-                proc.kill()
-            await proc.wait()
-
-
 @pytest.fixture
-async def engine(bus: Bus, nats_server: EmbeddedNats) -> AsyncIterator[tuple[NerveClient, Workers]]:
+async def engine(bus: Bus, nats_server: EmbeddedNats,
+                 ) -> AsyncIterator[tuple[NerveClient, RoleProcs]]:
     orch = Orchestrator(bus, "restart-o")
     await orch.start()
-    workers = Workers(nats_server, bus.names.prefix)
+    workers = RoleProcs(nats_server, bus.names.prefix, "activity", MODULE)
     yield NerveClient(bus), workers
     await workers.close()
     await orch.stop()
@@ -99,7 +78,7 @@ async def one_completion(client: NerveClient, run_id: str) -> None:
 
 
 async def test_a_worker_restarted_under_its_id_runs_its_unfinished_step_again_at_once(
-        engine: tuple[NerveClient, Workers], tmp_path: Path) -> None:
+        engine: tuple[NerveClient, RoleProcs], tmp_path: Path) -> None:
     client, workers = engine
     log = tmp_path / "activity.log"
     first = await workers.start("activity-1")
@@ -130,7 +109,7 @@ async def test_a_worker_restarted_under_its_id_runs_its_unfinished_step_again_at
 
 
 async def test_a_long_activity_on_a_live_worker_is_not_redelivered_to_another(
-        engine: tuple[NerveClient, Workers], tmp_path: Path) -> None:
+        engine: tuple[NerveClient, RoleProcs], tmp_path: Path) -> None:
     client, workers = engine
     log = tmp_path / "activity.log"
     for ident in ("activity-1", "activity-2"):
