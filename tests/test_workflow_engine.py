@@ -481,3 +481,24 @@ async def test_an_activity_past_its_timeout_is_stopped_not_left_running(
     async with asyncio.timeout(10):  # the worker stops it too, at the same deadline
         while f"{run_id}:0" not in STOPPED:
             await asyncio.sleep(0.05)
+
+
+@wf.register(name="cancelled_while_busy")
+async def cancelled_while_busy(ctx: RunContext, inp: dict[str, Any]) -> Any:
+    await ctx.activity(outlives_its_timeout)  # the default timeout: 300 s
+
+
+async def test_an_activity_whose_run_is_cancelled_is_stopped_with_it(
+        engine: tuple[Orchestrator, NerveClient], bus: Bus) -> None:
+    _, client = engine
+    run_id = await client.submit("acme", workflow="cancelled_while_busy", input={})
+    await client.wait(run_id, timeout=20, statuses=("running",))
+    async with asyncio.timeout(20):  # the activity is running on the worker
+        while not [e for e in await client.history(run_id) if isinstance(e, StepScheduled)]:
+            await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)
+    await client.cancel(run_id, "not needed any more", by="ops")
+    assert (await client.wait(run_id, timeout=20)).status == "cancelled"
+    async with asyncio.timeout(10):
+        while f"{run_id}:0" not in STOPPED:
+            await asyncio.sleep(0.05)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
+
+from nats.errors import Error as NatsClientError
 
 from actors import Delivery, StepWorker, WorkItem
 from nerve import ConfigError, StepError
@@ -47,6 +50,10 @@ class ActivityWorker(StepWorker):
     and a step silent for ``ack_wait`` (5 s) goes to another worker while this one still
     runs it. That is also how a dead worker's steps come back within seconds, to a peer or
     to its own restart.
+
+    An async activity is cancelled when its step's timeout passes (the owner has given up on
+    that attempt) and when its run ends (cancelled, failed, or done without it): it gets
+    ``CancelledError`` where it awaits, so its ``finally`` blocks run.
     """
 
     durable: ClassVar[str] = "activities"
@@ -55,6 +62,26 @@ class ActivityWorker(StepWorker):
                  ) -> None:
         super().__init__("activity-worker", worker_id)
         self.registry = registry or activities
+        self._running: dict[str, set[asyncio.Task[Any]]] = {}  # run id -> its activities
+        self._stopped: set[asyncio.Task[Any]] = set()  # cancelled because their run ended
+        self._ended_sub: Any = None
+
+    async def on_start(self) -> None:
+        assert self.bus is not None
+        self._ended_sub = await self.bus.nc.subscribe(self.bus.names.run_ended(),
+                                                      cb=self._on_run_ended)
+
+    async def on_stop(self) -> None:
+        await super().on_stop()
+        if self._ended_sub is not None:
+            with contextlib.suppress(NatsClientError):
+                await self._ended_sub.unsubscribe()
+
+    async def _on_run_ended(self, msg: Any) -> None:
+        run_id = msg.subject.rsplit(".", 2)[-2]
+        for task in self._running.get(run_id, ()):
+            self._stopped.add(task)
+            task.cancel()
 
     def work_subjects(self) -> list[str]:
         """The ``NERVE_WORK`` subject of activity steps."""
@@ -79,6 +106,10 @@ class ActivityWorker(StepWorker):
         # next): an async activity is cancelled there rather than left running beside it. A
         # plain function in its thread cannot be stopped; its result is then ignored.
         left = None if item.deadline is None else item.deadline - time.time()
+        task = asyncio.current_task()
+        assert task is not None
+        running = self._running.setdefault(item.run_id, set())
+        running.add(task)
         try:
             async with asyncio.timeout(left):
                 return await call_activity(fn, actx, item.args)
@@ -88,3 +119,15 @@ class ActivityWorker(StepWorker):
                                 f"{item.name}) was stopped at its timeout", run_id=item.run_id,
                                 index=item.index, retryable=True) from None
             raise
+        except asyncio.CancelledError:
+            if task not in self._stopped:
+                raise  # the worker is stopping: the step is redelivered
+            task.uncancel()
+            raise StepError(f"activity {item.name} (step {item.index}) was stopped: its run "
+                            "ended", run_id=item.run_id, index=item.index,
+                            retryable=False) from None
+        finally:
+            self._stopped.discard(task)
+            running.discard(task)
+            if not running:
+                self._running.pop(item.run_id, None)
