@@ -9,6 +9,7 @@ admin key is ``$NERVE_ADMIN_KEY`` or ``<data-dir>/admin.key`` (created, mode 060
 from __future__ import annotations
 
 import asyncio
+import sys
 from typing import Any
 
 from api._config import ApiConfig
@@ -30,6 +31,8 @@ async def run_api(bus: Bus, opts: Any) -> None:
         config.admin_keys = [admin]
     server = ApiServer(bus, config)
     await server.start()  # listening once this returns
+    # Said once, on stderr: with port 0 (the default) nothing else tells where it is.
+    print(f"nerve: API and console on {server.url}", file=sys.stderr, flush=True)
     opts.ready.set()
     try:
         await asyncio.Future()  # until cancelled
