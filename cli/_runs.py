@@ -180,15 +180,16 @@ def _blocked_notice(run_id: str, reason: str) -> str:
 async def _wait_telling_blocks(client: NerveClient, run_id: str,
                                deadline: float | None) -> RunSummary:
     """Wait for the run to end; say so (on stderr) when it blocks, which can last for days."""
-    told = ""
+    told = False
     while True:
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         statuses = ENDED_STATUSES if told else (*ENDED_STATUSES, "blocked")
         summary = await client.wait(run_id, timeout=left, statuses=statuses)
         if summary.status != "blocked":
             return summary
-        told = (summary.blocked or {}).get("reason", "")
-        print(_blocked_notice(run_id, told) + " Still waiting (Ctrl-C stops the waiting, "
+        told = True
+        reason = (summary.blocked or {}).get("reason", "")
+        print(_blocked_notice(run_id, reason) + " Still waiting (Ctrl-C stops the waiting, "
               "not the run).", file=sys.stderr, flush=True)
 
 
