@@ -146,6 +146,10 @@ class Actor(Generic[M]):
 
     message_type: ClassVar[Any] = Any
     concurrency: ClassVar[int] = 16
+    # How long :meth:`run` lets handlers finish when it stops, before cancelling them. It
+    # must fit well inside a supervisor's grace after SIGTERM (10 s), or the process is
+    # SIGKILLed and nothing of the handler's own clean-up runs.
+    stop_timeout: ClassVar[float] = 5.0
 
     def __init__(self, name: str | None = None) -> None:
         self.name = name or type(self).__name__
@@ -226,7 +230,7 @@ class Actor(Generic[M]):
             assert self._failed is not None
             await self._failed
         finally:
-            await self.stop()
+            await self.stop(self.stop_timeout)
 
     # -- delivery ------------------------------------------------------------------------
     async def _process(self, msg: Msg) -> None:

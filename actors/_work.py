@@ -128,6 +128,10 @@ class StepWorker(Actor[WorkItem]):
     # ``in_progress`` every ``ack_wait / 3`` while the step runs and while its result is
     # on its way: a step is redelivered only once its worker has been silent this long.
     ack_wait: ClassVar[float] = 5.0
+    # A step still running when the worker stops is cancelled (its code's finally blocks
+    # run) rather than waited for: its work item, not acked, comes back within ack_wait to
+    # a peer or to this worker's restart.
+    stop_timeout: ClassVar[float] = 2.0
     max_deliver: ClassVar[int] = 20
     recent_results: ClassVar[int] = 4096
     # How long the owner may take to record a result before we store it durably instead

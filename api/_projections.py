@@ -340,7 +340,9 @@ def _fold_run(run: RunRow, ev: Event) -> None:
     elif isinstance(ev, RunCancelled):
         run.phase, run.ended_at = "cancelled", ev.at
     if isinstance(ev, RunCompleted | RunFailed | RunCancelled):
-        run.waits.clear()  # an ended run waits for nothing, whatever its code left open
+        # An ended run waits for nothing (whatever its code left open) and is not blocked.
+        run.waits.clear()
+        run.blocked = None
 
 
 def _fold_step(batch: Batch, run_id: str, ev: Event) -> None:

@@ -147,9 +147,10 @@ async def _run(args: argparse.Namespace) -> int:
                 f"The task stays queued and starts when one is", run_id=run_id)
         # Said at once: Ctrl-C before the end must not leave someone without the run id that
         # `nerve signal` and `nerve cancel` need.
-        if args.follow and not args.json:
-            print(f"run {run_id}", flush=True)
-        elif sys.stderr.isatty():
+        if args.follow:
+            print(json.dumps({"type": "run", "data": {"run_id": run_id}}) if args.json
+                  else f"run {run_id}", flush=True)
+        else:  # stderr: stdout stays the one result (JSON with --json)
             print(f"run {run_id} started; waiting for its end (Ctrl-C stops the waiting, not "
                   "the run)", file=sys.stderr, flush=True)
         try:

@@ -396,4 +396,5 @@ async def test_follow_and_wait_are_bounded_by_timeout_and_name_the_run_at_once(
         await orch.stop()
     assert code == 2 and "did not end within --timeout 2.0s (it goes on" in err, err
     events = [json.loads(line) for line in out.splitlines()]  # --json: one event per line
+    assert events[0]["type"] == "run" and events[0]["data"]["run_id"].startswith("r")
     assert {"type": "status", "data": {"status": "waiting"}} in events

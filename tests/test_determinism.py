@@ -198,6 +198,7 @@ async def test_a_blocked_run_can_still_be_cancelled(bus: Bus) -> None:
                                                  "run_cancelled"]
         assert events[-1].by == "ops" and events[-1].reason.startswith(reason)
         assert "while blocked" in events[-1].reason
+        assert (await client.summary(run_id)).blocked is None  # ended: no longer blocked
 
 
 async def test_the_cli_says_when_a_run_it_waits_for_blocks_and_goes_on_waiting(
@@ -247,6 +248,7 @@ async def test_the_cli_says_when_a_run_it_waits_for_blocks_and_goes_on_waiting(
     assert json.loads(wait_out)["result"] == {"a": 2, "b": 13, "variant": "patched"}
     assert "is blocked: run" in wait_err and "ctx.patched" in wait_err
     assert "Still waiting" in wait_err and "nerve replay" in wait_err
+    assert wait_err.startswith("run r") and " started; waiting for its end" in wait_err
     # --follow shows the block in the stream, then the resumed run to its end.
     blocked_at = follow_out.index("[blocked]")
     assert "Still following" in follow_out

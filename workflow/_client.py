@@ -119,11 +119,11 @@ def summarize(events: list[Event]) -> RunSummary:
         elif isinstance(ev, RunBlocked):
             s.status, s.blocked = "blocked", {"reason": ev.reason, "diff": ev.diff}
         elif isinstance(ev, RunCompleted):
-            s.status, s.result, s.ended_at = "completed", ev.result, ev.at
+            s.status, s.result, s.ended_at, s.blocked = "completed", ev.result, ev.at, None
         elif isinstance(ev, RunFailed):
-            s.status, s.error, s.ended_at = "failed", ev.error, ev.at
+            s.status, s.error, s.ended_at, s.blocked = "failed", ev.error, ev.at, None
         elif isinstance(ev, RunCancelled):
-            s.status, s.ended_at = "cancelled", ev.at
+            s.status, s.ended_at, s.blocked = "cancelled", ev.at, None
     if s.done:
         waits.clear()  # an ended run waits for nothing, whatever its code left open
     s.waiting_for = sorted(set(waits.values()))
