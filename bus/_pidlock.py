@@ -7,6 +7,7 @@ import fcntl
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 
 class PidLock:
@@ -54,4 +55,19 @@ class PidLock:
             self.fd = None
 
 
-__all__ = ["PidLock"]
+
+
+def pid_alive(pid: Any) -> bool:
+    """Whether process ``pid`` exists on this host (ours or another user's)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists; signalling it is not ours to do
+    return True
+
+
+__all__ = ["PidLock", "pid_alive"]

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from bus import NATS_URL_ENV, Bus, ConnectOptions, connect
+from bus import NATS_URL_ENV, Bus, ConnectOptions, connect, pid_alive
 from nerve import BusError, ConfigError
 
 DATA_DIR_ENV = "NERVE_DATA_DIR"
@@ -73,19 +73,6 @@ def resolve_url(args: argparse.Namespace) -> tuple[str, str]:
     return state["nats_url"], args.prefix or state.get("prefix", prefix)
 
 
-def alive(pid: Any) -> bool:
-    """Whether process ``pid`` exists (ours or another user's)."""
-    if not isinstance(pid, int):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
 async def connect_target(args: argparse.Namespace, name: str = "nerve-cli",
                          check_jetstream: bool = True) -> Bus:
     """The NATS of ``--nats-url`` / ``--data-dir``; with JetStream, unless told not to check
@@ -96,7 +83,7 @@ async def connect_target(args: argparse.Namespace, name: str = "nerve-cli",
     except BusError as exc:
         state = None if args.nats_url or os.environ.get(NATS_URL_ENV) else read_state(
             args.data_dir or default_data_dir())
-        if state is not None and not alive(state.get("pid")):
+        if state is not None and not pid_alive(state.get("pid")):
             data_dir = args.data_dir or default_data_dir()
             raise BusError(f"the nerve recorded in {data_dir / STATE_FILE} (pid "
                            f"{state.get('pid')}) is not running any more: start it again "

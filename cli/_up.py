@@ -33,10 +33,11 @@ from bus import (
     EmbeddedNatsConfig,
     PidLock,
     connect,
+    pid_alive,
     provision,
 )
 from cli._roles import DEFAULT_UP_ROLES, ROLES
-from cli._target import STATE_FILE, alive, default_data_dir, port
+from cli._target import STATE_FILE, default_data_dir, port
 from cli._worker import EX_CONFIG
 from nerve import BusError, ConfigError, NerveError, ProcessExited
 from supervisor import (
@@ -234,7 +235,7 @@ class Cluster:
         async def rewrite() -> None:
             for _ in range(100):  # the new process gets its pid a moment after "started"
                 if all(p.pid for p in self.procs.values()) and (
-                        self.server is None or alive(self.server.pid)):
+                        self.server is None or pid_alive(self.server.pid)):
                     break
                 await asyncio.sleep(0.02)
             await self.write_state()

@@ -13,7 +13,7 @@ PUBLIC = {
     "bus": ["Bus", "ConnectOptions", "EmbeddedNats", "EmbeddedNatsConfig", "NATS_URL_ENV",
             "Names", "PidLock", "RawHeaders", "Reply", "ReplyInbox", "ServerState", "StoredAck",
             "StreamLimits", "check_token", "connect",
-            "find_nats_server", "provision", "stream_configs"],
+            "find_nats_server", "pid_alive", "provision", "stream_configs"],
     "actors": ["Actor", "ActorState", "DeadLetter", "Delivery", "Envelope", "H_HEARTBEAT",
                "H_NOT_OWNER",
                "JSON", "MAX_RESULT_BYTES", "MSGPACK", "Permanent", "PoisonKeeper", "Requests",

@@ -42,7 +42,7 @@ from actors import (
     unpack,
 )
 from budget_actor import KillNotice, KillNotices, kill_notices
-from bus import Bus, check_token
+from bus import Bus, check_token, pid_alive
 from nerve import (
     CodecError,
     ConfigError,
@@ -202,15 +202,10 @@ class Orchestrator:
             return
         other = current[0].data
         pid = other.get("pid")
-        if other.get("host") != socket.gethostname() or not isinstance(pid, int) \
-                or pid == os.getpid():
+        # A dead one may be our predecessor (we are its restart): the lease is ours to take.
+        if other.get("host") != socket.gethostname() or pid == os.getpid() \
+                or not pid_alive(pid):
             return
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return  # it died (we may be its restart): the lease is ours to take back
-        except PermissionError:
-            pass  # alive, another user's
         raise ConfigError(f"orchestrator id {self.owner_id} is in use by pid {pid} on this "
                           "host; give this one another id (nerve worker --id ...)",
                           owner=self.owner_id, pid=pid)
