@@ -48,7 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point. A :class:`~nerve.NerveError` is printed as one line, not a traceback."""
     parser = _build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+    # A role process (`nerve worker`, which `nerve up` runs) is a daemon whose output is its
+    # log: it says what it does (runs started, takeovers). Commands a person runs stay quiet.
+    level = logging.DEBUG if args.verbose else getattr(args, "log_level", logging.WARNING)
+    logging.basicConfig(level=level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)

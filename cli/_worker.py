@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a role setting (repeatable)")
     add_target_args(p)
-    p.set_defaults(func=_worker_command)
+    p.set_defaults(func=_worker_command, log_level=logging.INFO)
 
 
 # sysexits.h's EX_CONFIG: `nerve up` does not restart a role that exits with it, since the
