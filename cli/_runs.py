@@ -313,6 +313,9 @@ async def _show(args: argparse.Namespace) -> int:
                   f"{s.run_id} {a['name']} '{{\"approved\": true}}' --approves {a['digest']}")
         if s.blocked is not None:
             print(_blocked_notice(s.run_id, s.blocked.get("reason", "")))
+            raised = (s.blocked.get("diff") or {}).get("error") or {}
+            if raised.get("traceback"):
+                print("  " + raised["traceback"].rstrip().replace("\n", "\n  "))
         return 0
     finally:
         await bus.close()

@@ -21,6 +21,7 @@
     ├── WorkflowError
     │   ├── WorkflowNotFound        no workflow registered under that name/version
     │   ├── NondeterminismError     replay issued a different step than the history recorded
+    │   ├── WorkflowCodeError       the workflow's code raised (a bug): the run is blocked
     │   ├── StepError               a step failed for good (after its retry policy)
     │   ├── RunNotFound             no history for that run id
     │   ├── TaskRejected            a submitted task was invalid or refused
@@ -194,6 +195,12 @@ class WorkflowNotFound(WorkflowError):
 
 class NondeterminismError(WorkflowError):
     """Replaying the history made the workflow issue a different step than was recorded."""
+
+
+class WorkflowCodeError(WorkflowError):
+    """The workflow's own code raised an exception that is not a failure it chose (a bug: a
+    ``KeyError``, a ``TypeError``...). The run is blocked, not failed, so that fixed code can
+    replay it and carry on; ``error_type``, ``where`` and ``traceback`` say what was raised."""
 
 
 class StepError(WorkflowError):

@@ -205,7 +205,8 @@ class RunContinued(_Event):
 
 
 class RunBlocked(_Event):
-    """The run stopped because replay diverged from its history; a person must look."""
+    """The run stopped: replay diverged from its history, or its code raised (a bug). It waits
+    for fixed code; ``diff`` holds the divergence or the exception (``diff["error"]``)."""
 
     type: Literal["run_blocked"] = "run_blocked"
     reason: str

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from bus import Bus, EmbeddedNats
-from nerve import NondeterminismError
+from nerve import ConfigError, NondeterminismError, WorkflowError
 from persistence import OwnerChanged, RunBlocked
 from tests.golden import workflows as golden
 from workflow import (
@@ -262,3 +262,108 @@ async def _run_ids(bus: Bus) -> list[str]:
     info = await bus.js.stream_info(bus.names.runs_stream,
                                     subjects_filter=bus.names.history("*"))
     return [s.split(".")[-2] for s in (info.state.subjects or {})]
+
+
+# -- a bug in workflow code blocks the run; fixed code resumes it --------------------------------
+bug_acts = ActivityRegistry()
+BUG_CALLS: dict[str, int] = {}
+
+
+@bug_acts.register(name="inc")
+async def counted_inc(actx: ActivityContext, x: int) -> int:
+    BUG_CALLS[actx.key] = BUG_CALLS.get(actx.key, 0) + 1
+    return x + 1
+
+
+def buggy_registry(variant: str) -> WorkflowRegistry:
+    """``variant``: "bug" (a KeyError after the first step), "fixed", "fail_on" (the same
+    bug, declared a failure), "chosen" (a WorkflowError raised on purpose)."""
+    reg = WorkflowRegistry()
+
+    @reg.register(name="buggy", fail_on=(KeyError,) if variant == "fail_on" else ())
+    async def buggy(ctx: RunContext, inp: dict[str, Any]) -> Any:
+        a = await ctx.activity(counted_inc, 1)
+        if variant == "chosen":
+            raise WorkflowError("nothing to do for this input")
+        extra = inp.get("extra", 0) if variant == "fixed" else inp["extra"]
+        return await ctx.activity(counted_inc, a + extra)
+
+    return reg
+
+
+async def test_an_exception_in_workflow_code_blocks_the_run_and_fixed_code_resumes_it(
+        bus: Bus) -> None:
+    client = NerveClient(bus)
+    worker = ActivityWorker(bug_acts)
+    await worker.start(bus)
+    o1 = Orchestrator(bus, "o-bug", registry=buggy_registry("bug"), host_ttl=1)
+    await o1.start()
+    try:
+        run_id = await client.submit("acme", workflow="buggy", input={})
+        summary = await client.wait(run_id, timeout=20, statuses=("blocked",))
+        raised = summary.blocked["diff"]["error"]
+        assert raised["type"] == "KeyError" and "test_determinism.py" in raised["where"]
+        assert "inp[\"extra\"]" in raised["traceback"]
+        reason = summary.blocked["reason"]
+        assert "raised KeyError: 'extra'" in reason and "fail_on" in reason
+        # nerve replay says the same about the unfixed code, and that it is not a divergence.
+        report = await replay_run(bus, run_id, buggy_registry("bug"))
+        assert not report.deterministic and "the workflow code raised" in report.describe()
+        assert (await replay_run(bus, run_id, buggy_registry("fixed"))).deterministic
+        await o1.stop()
+        # Restarting unfixed code blocks it again, without a second RunBlocked.
+        o2 = Orchestrator(bus, "o-bug-2", registry=buggy_registry("bug"), host_ttl=1)
+        await o2.start()
+        await _until(lambda: _owned_by(client, run_id, "o-bug-2"))
+        await o2.stop()
+        o3 = Orchestrator(bus, "o-fixed", registry=buggy_registry("fixed"), host_ttl=1)
+        await o3.start()
+        done = await client.wait(run_id, timeout=20)
+        await o3.stop()
+    finally:
+        await worker.stop()
+    assert done.status == "completed" and done.result == 3
+    types = [e.type for e in await client.history(run_id)]
+    assert types.count("run_blocked") == 1 and "run_resumed" in types
+    assert "run_failed" not in types
+    # The step before the bug ran once: replay took its result from the history.
+    assert BUG_CALLS[f"{run_id}:0"] == 1 and BUG_CALLS[f"{run_id}:1"] == 1
+
+
+async def test_failures_the_code_chooses_still_fail_the_run(bus: Bus) -> None:
+    client = NerveClient(bus)
+    worker = ActivityWorker(bug_acts)
+    await worker.start(bus)
+    try:
+        for variant, error_type in (("fail_on", "KeyError"), ("chosen", "WorkflowError")):
+            orch = Orchestrator(bus, f"o-{variant}", registry=buggy_registry(variant),
+                                host_ttl=1)
+            await orch.start()
+            try:
+                run_id = await client.submit("acme", workflow="buggy", input={})
+                summary = await client.wait(run_id, timeout=20)
+            finally:
+                await orch.stop()
+            assert summary.status == "failed" and summary.error["type"] == error_type
+            # A history that recorded the failure replays as it is, whatever fail_on says now.
+            events = await client.history(run_id)
+            report = replay_history(events, buggy_registry("bug"))
+            assert report.deterministic and report.state == "failed"
+    finally:
+        await worker.stop()
+
+
+def test_fail_on_takes_exception_classes() -> None:
+    with pytest.raises(ConfigError, match="fail_on takes exception classes"):
+        WorkflowRegistry().register(name="x", fail_on=("KeyError",))  # type: ignore[arg-type]
+
+
+async def _owned_by(client: NerveClient, run_id: str, owner: str) -> bool:
+    return any(isinstance(e, OwnerChanged) and e.owner == owner
+               for e in await client.history(run_id))
+
+
+async def _until(check: Any, timeout: float = 20) -> None:
+    async with asyncio.timeout(timeout):
+        while not await check():
+            await asyncio.sleep(0.1)

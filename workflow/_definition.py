@@ -6,7 +6,7 @@ import inspect
 import re
 import types
 import typing
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar, overload
 
@@ -28,6 +28,9 @@ class WorkflowDefinition:
     fn: Callable[[Any, Any], Awaitable[Any]]
     input_type: type[BaseModel] | None = None
     source: Callable[..., Any] | None = None  # the function as written (fn may wrap it)
+    # Exceptions that fail a run when its code raises them; any other exception that is not
+    # a NerveError blocks the run instead (a bug: fixed code can resume it).
+    fail_on: tuple[type[BaseException], ...] = ()
 
     def parse_input(self, raw: Any) -> Any:
         """``raw`` validated into the workflow's input model; TaskRejected says what is
@@ -50,13 +53,23 @@ class WorkflowRegistry:
         self._defs: dict[str, dict[str, WorkflowDefinition]] = {}
 
     @overload
-    def register(self, fn: W, *, name: str | None = None, version: str = "1") -> W: ...
+    def register(self, fn: W, *, name: str | None = None, version: str = "1",
+                 fail_on: Iterable[type[BaseException]] = ()) -> W: ...
     @overload
-    def register(self, fn: None = None, *, name: str | None = None,
-                 version: str = "1") -> Callable[[W], W]: ...
-    def register(self, fn: W | None = None, *, name: str | None = None,
-                 version: str = "1") -> W | Callable[[W], W]:
-        """Register ``async def wf(ctx, input)``. Usable as ``@registry.register(...)``."""
+    def register(self, fn: None = None, *, name: str | None = None, version: str = "1",
+                 fail_on: Iterable[type[BaseException]] = ()) -> Callable[[W], W]: ...
+    def register(self, fn: W | None = None, *, name: str | None = None, version: str = "1",
+                 fail_on: Iterable[type[BaseException]] = ()) -> W | Callable[[W], W]:
+        """Register ``async def wf(ctx, input)``. Usable as ``@registry.register(...)``.
+
+        An exception the code raises fails the run when it is a :class:`~nerve.NerveError`
+        (``raise WorkflowError("why")``, a step's ``StepError`` left uncaught) or one of
+        ``fail_on``; any other blocks the run as a bug that fixed code resumes.
+        """
+        failing = tuple(fail_on)
+        bad = [t for t in failing if not (isinstance(t, type) and issubclass(t, Exception))]
+        if bad:
+            raise ConfigError(f"fail_on takes exception classes, not {bad!r}")
 
         def deco(f: W) -> W:
             if not inspect.iscoroutinefunction(f):
@@ -68,7 +81,8 @@ class WorkflowRegistry:
                 _refuse_another(f"workflow {wf_name!r} version {version!r}",
                                 versions[version].source, f)
             versions[version] = WorkflowDefinition(
-                wf_name, version, _with_typed_input(f, input_type), input_type, source=f)
+                wf_name, version, _with_typed_input(f, input_type), input_type, source=f,
+                fail_on=failing)
             return f
 
         return deco(fn) if fn is not None else deco
@@ -176,15 +190,17 @@ activities = ActivityRegistry()
 
 
 @overload
-def workflow(fn: W, *, name: str | None = None, version: str = "1") -> W: ...
+def workflow(fn: W, *, name: str | None = None, version: str = "1",
+             fail_on: Iterable[type[BaseException]] = ()) -> W: ...
 @overload
-def workflow(fn: None = None, *, name: str | None = None,
-             version: str = "1") -> Callable[[W], W]: ...
-def workflow(fn: W | None = None, *, name: str | None = None,
-             version: str = "1") -> W | Callable[[W], W]:
+def workflow(fn: None = None, *, name: str | None = None, version: str = "1",
+             fail_on: Iterable[type[BaseException]] = ()) -> Callable[[W], W]: ...
+def workflow(fn: W | None = None, *, name: str | None = None, version: str = "1",
+             fail_on: Iterable[type[BaseException]] = ()) -> W | Callable[[W], W]:
     """Register a workflow in the default registry (``@workflow`` or ``@workflow(name=...)``);
-    the function is returned as it is, signature and all."""
-    return workflows.register(fn, name=name, version=version)
+    the function is returned as it is, signature and all. ``fail_on``: see
+    :meth:`WorkflowRegistry.register`."""
+    return workflows.register(fn, name=name, version=version, fail_on=fail_on)
 
 
 @overload

@@ -65,6 +65,7 @@ from persistence import (
 )
 from workflow._chaos import crash_point
 from workflow._context import RunContext
+from workflow._definition import WorkflowDefinition
 from workflow._instance import Command, InstanceState, WorkflowInstance
 from workflow._policy import DEFAULT_POLICIES, RetryPolicy
 from workflow._tracing import end_step_span, run_traceparent, start_step_span
@@ -154,6 +155,7 @@ class RunDriver:
         self._created = created
         self._begun = False  # begin() ran the workflow to its first steps already
         self.instance: WorkflowInstance | None = None
+        self.definition: WorkflowDefinition | None = None
         self.started: RunStarted | None = None
         self.status = "starting"
         self._queue: asyncio.Queue[Input] = asyncio.Queue()
@@ -291,7 +293,7 @@ class RunDriver:
         except WorkflowNotFound:
             return None
         self.started = started
-        instance = self._new_instance(definition.fn, [started], None)
+        instance = self._new_instance(definition, [started], None)
         instance.apply(started, recorded=True)
         if instance.state is InstanceState.BLOCKED:
             return None
@@ -350,7 +352,7 @@ class RunDriver:
             self._track(event)
         cut = max((i for i, e in enumerate(events) if isinstance(e, RunContinued)), default=None)
         segment = events[cut:] if cut is not None else events
-        instance = self._new_instance(definition.fn, segment, segment[0] if cut is not None
+        instance = self._new_instance(definition, segment, segment[0] if cut is not None
                                       else None)
         for event in segment:
             instance.apply(event, recorded=True)
@@ -387,12 +389,13 @@ class RunDriver:
         await self._flush_outputs()
         log.error("run %s is blocked: %s", self.run_id, reason)
 
-    def _new_instance(self, fn: Any, recorded: list[Event],
+    def _new_instance(self, definition: WorkflowDefinition, recorded: list[Event],
                       segment: RunContinued | None) -> WorkflowInstance:
         assert self.started is not None
-        self.instance = WorkflowInstance(fn, self.started, self._make_context,
+        self.definition = definition
+        self.instance = WorkflowInstance(definition.fn, self.started, self._make_context,
                                          recorded=recorded, wall_clock=time.time,
-                                         segment=segment)
+                                         segment=segment, fail_on=definition.fail_on)
         return self.instance
 
     def _make_context(self, instance: WorkflowInstance) -> RunContext:
@@ -874,14 +877,14 @@ class RunDriver:
     async def _next_segment(self, continued: RunContinued, seq: int) -> None:
         """The workflow continued as new: start its next segment from ``continued``."""
         assert self.instance is not None
-        fn = self.instance.fn
         await self.orch.mark_segment(self.run_id, seq)
         for op in self._open.values():  # steps of the old segment are abandoned
             op.cancel_timers()
         self._open.clear()
         self._new_commands.clear()
         self._to_dispatch.clear()
-        instance = self._new_instance(fn, [continued], continued)
+        assert self.definition is not None
+        instance = self._new_instance(self.definition, [continued], continued)
         instance.apply(continued, recorded=True)
         self._adopt(instance.take_commands(), live=True)
         fresh = instance.take_events()
@@ -901,8 +904,12 @@ class RunDriver:
         elif instance.state is InstanceState.FAILED:
             self._emits.append(StreamEvent(type="error", run_id=self.run_id,
                                            data={"error": instance.failure}))
-        self._emits.append(StreamEvent(type="status", run_id=self.run_id,
-                                       data={"status": self.status}))
+        status: dict[str, Any] = {"status": self.status}
+        if instance.state is InstanceState.BLOCKED and instance.error is not None:
+            status.update(reason=instance.error.message,
+                          diff=instance.error.fields.get("diff", {}))
+            log.error("run %s is blocked: %s", self.run_id, instance.error.message)
+        self._emits.append(StreamEvent(type="status", run_id=self.run_id, data=status))
         await self._flush_outputs()
         if instance.state is not InstanceState.BLOCKED:
             await self._release()

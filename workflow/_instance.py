@@ -29,7 +29,14 @@ from typing import Any
 import msgpack
 
 from actors import MAX_RESULT_BYTES
-from nerve import NerveError, NondeterminismError, ResultTooLarge, StepError
+from nerve import (
+    NerveError,
+    NondeterminismError,
+    ResultTooLarge,
+    StepError,
+    WorkflowCodeError,
+    WorkflowError,
+)
 from persistence import (
     CancelRequested,
     Event,
@@ -51,7 +58,7 @@ from persistence import (
     WaitAbandoned,
     args_digest,
 )
-from workflow._loop import WorkflowLoop
+from workflow._loop import WorkflowLoop, WorkflowSandboxViolation
 from workflow._policy import RetryPolicy
 
 log = logging.getLogger("nerve.workflow")
@@ -135,17 +142,20 @@ class WorkflowInstance:
     def __init__(self, fn: WorkflowFn, started: RunStarted, make_context: Callable[..., Any],
                  recorded: list[Event] | None = None,
                  wall_clock: Callable[[], float] = time.time,
-                 segment: RunContinued | None = None) -> None:
+                 segment: RunContinued | None = None,
+                 fail_on: tuple[type[BaseException], ...] = ()) -> None:
         """``segment``: drive the segment that this ``RunContinued`` starts (its input and
-        first index) instead of the run's beginning."""
+        first index) instead of the run's beginning. ``fail_on``: exceptions that fail the run
+        (with every NerveError); the code raising any other blocks it."""
         self.fn = fn
+        self.fail_on = fail_on
         self.started = started
         self.segment = segment
         self.continued_with: Any = None
         self.run_id = started.run_id
         self.state = InstanceState.RUNNING
         self.wall_clock = wall_clock
-        self.error: NondeterminismError | None = None
+        self.error: WorkflowError | None = None
         self.result: Any = None
         self.failure: dict[str, Any] | None = None
         self._loop = WorkflowLoop(self._now, self._timer_from_loop)
@@ -305,6 +315,9 @@ class WorkflowInstance:
             if isinstance(exc, NondeterminismError):
                 self._block(exc)
                 return
+            if not self._fails_run(exc):
+                self._block(_code_error(exc, self.started.workflow))
+                return
             self.state = InstanceState.FAILED
             self.failure = exc.to_wire() if isinstance(exc, NerveError) else {
                 "type": type(exc).__name__, "message": str(exc), "retryable": False,
@@ -325,6 +338,21 @@ class WorkflowInstance:
         if self._recorded_end is None:
             self._events.append(end)
 
+    def _fails_run(self, exc: BaseException) -> bool:
+        """Whether ``exc``, raised out of the workflow, fails the run or blocks it as a bug.
+
+        A failure the code chose (any NerveError, a step's StepError included, or a type in
+        ``fail_on``) ends the run. Anything else is a bug that a retry of the same code would
+        hit again, and that fixed code can get past: the run is blocked, as Temporal retries
+        a failed workflow task, so hours of agent work are not thrown away for a KeyError.
+        Two cases end the run anyway: it was being cancelled, and the history already
+        recorded its failure (written before this rule, or under another ``fail_on``).
+        """
+        if isinstance(exc, WorkflowSandboxViolation):
+            return False  # I/O or real time in workflow code: a bug like any other
+        return (isinstance(exc, (NerveError, *self.fail_on)) or self._cancel is not None
+                or isinstance(self._recorded_end, RunFailed))
+
     def _check_end(self, event: Event) -> None:
         expected = {RunCompleted: InstanceState.COMPLETED, RunFailed: InstanceState.FAILED,
                     RunCancelled: InstanceState.CANCELLED,
@@ -335,7 +363,7 @@ class WorkflowInstance:
                 f"{self.state.value}. Check that your workflow is deterministic.",
                 run_id=self.run_id, diff={"expected": event.type, "got": self.state.value})
 
-    def _block(self, exc: NondeterminismError) -> None:
+    def _block(self, exc: WorkflowError) -> None:
         self.state = InstanceState.BLOCKED
         self.error = exc
         self._events.append(RunBlocked(reason=exc.message, diff=exc.fields.get("diff", {}),
@@ -533,3 +561,20 @@ def raise_nondeterminism(run_id: str, index: int, *, expected: tuple[str, str, s
         f"{show(got, args[1] if args else None)}. Check that your workflow is deterministic, "
         f"or guard the change with ctx.patched(...).{hint}", run_id=run_id, index=index,
         diff=diff)
+
+
+def _code_error(exc: BaseException, workflow: str) -> WorkflowCodeError:
+    """What the run's ``RunBlocked`` says about an exception its code raised: the type, the
+    message and the innermost line of code, the same on every replay (no addresses, no
+    times), so replaying unfixed code does not block the run a second time."""
+    frames = traceback.extract_tb(exc.__traceback__) if exc.__traceback__ else []
+    where = f"{frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name}" if frames else ""
+    tb = "".join(traceback.format_exception(exc))[-4000:]
+    return WorkflowCodeError(
+        f"workflow {workflow} raised {type(exc).__name__}: {exc}"
+        + (f" (at {where})" if where else "")
+        + ". A bug blocks the run rather than failing it; to fail runs on purpose, raise a "
+        "nerve.WorkflowError (or list the type in @workflow(fail_on=...))",
+        error_type=type(exc).__name__, where=where,
+        diff={"error": {"type": type(exc).__name__, "message": str(exc), "where": where,
+                        "traceback": tb}})

@@ -44,6 +44,11 @@ class ReplayReport:
                 f"{self.seconds * 1000:.1f} ms")
         if self.deterministic:
             return f"{head}: deterministic (replay state: {self.state})"
+        raised = self.diff.get("error")
+        if raised:
+            # Not a divergence: the code replayed the history and then raised (a bug).
+            return "\n".join([f"{head}: the workflow code raised", f"  {self.error}",
+                              "  " + raised.get("traceback", "").rstrip().replace("\n", "\n  ")])
         lines = [f"{head}: NOT deterministic", f"  {self.error}"]
         if self.diff:
             lines.append(f"  at step {self.diff.get('index')}:")
@@ -83,7 +88,7 @@ def replay_history(events: list[Event], registry: WorkflowRegistry | None = None
         head = segment[0] if isinstance(segment[0], RunContinued) else None
         instance = WorkflowInstance(definition.fn, started,
                                     lambda inst: RunContext(inst, names), recorded=segment,
-                                    segment=head)
+                                    segment=head, fail_on=definition.fail_on)
         for event in segment:
             instance.apply(event, recorded=True)
             instance.take_commands()
