@@ -12,11 +12,13 @@ history, so the happy path costs one fsync per step, the history's). If no owner
 the work item acked.
 
 While a step with a ``heartbeat_timeout`` runs, the worker heartbeats to ``result_to`` so
-the owner can tell a dead worker from a slow one. Every step also keeps its work item with
-``in_progress`` acks until the item is acked, so the queue redelivers it only after its
-worker has been silent for ``ack_wait`` (5 s): a dead worker's steps run again within
-seconds (on a peer, or on its own restart), and a live worker's stay with it however long
-they run (unless it goes silent: its event loop held, or cut off from the server).
+the owner can tell a dead worker from a slow one; once the step's own code reports progress
+(:class:`StepPulse`), only its reports count, so hung code is told from slow code too.
+Every step also keeps its work item with ``in_progress`` acks until the item is acked, so
+the queue redelivers it only after its worker has been silent for ``ack_wait`` (5 s): a
+dead worker's steps run again within seconds (on a peer, or on its own restart), and a live
+worker's stay with it however long they run (unless it goes silent: its event loop held,
+or cut off from the server).
 
 :class:`StepWorker` is the base for every such worker: subclasses implement ``execute``.
 """
@@ -28,6 +30,7 @@ import collections
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from nats.errors import Error as NatsClientError
@@ -104,6 +107,32 @@ class StepResult(BaseModel):
         return failed, encode(failed)
 
 
+@dataclass(slots=True)
+class StepPulse:
+    """Whether a running step is alive, as its worker tells the step's owner.
+
+    Until the step's code reports (``report``, which ``ActivityContext.heartbeat`` calls),
+    the worker beats for it every third of its ``heartbeat_timeout``: the worker is alive.
+    Once the code has reported, only its reports count: code that stops reporting (hung on
+    a lock, a socket without a timeout) goes silent, and the owner's heartbeat timeout
+    retries the step. ``report`` may be called from any thread.
+    """
+
+    explicit: bool = False
+    reported: bool = False
+
+    def report(self) -> None:
+        self.explicit = True
+        self.reported = True
+
+    def due(self) -> bool:
+        """Whether to beat in the period that ends now."""
+        if not self.explicit:
+            return True
+        due, self.reported = self.reported, False
+        return due
+
+
 class StepWorker(Actor[WorkItem]):
     """Base class for workers that perform steps.
 
@@ -145,6 +174,11 @@ class StepWorker(Actor[WorkItem]):
         self._recent: collections.OrderedDict[tuple[str, int], StepResult] = (
             collections.OrderedDict())
         self._deliveries: set[asyncio.Task[None]] = set()
+        self._pulses: dict[tuple[str, int], StepPulse] = {}
+
+    def pulse(self, item: WorkItem) -> StepPulse | None:
+        """The pulse of ``item`` while this worker performs it."""
+        return self._pulses.get((item.key, item.attempt))
 
     def work_subjects(self) -> list[str]:
         """The ``NERVE_WORK`` subjects this worker pulls from."""
@@ -175,11 +209,12 @@ class StepWorker(Actor[WorkItem]):
             return cached
         started = time.perf_counter()
         beat = None
+        pulse = self._pulses[(message.key, message.attempt)] = StepPulse()
         if message.meta.get("heartbeat_timeout") and message.result_to:
             # "Started" reaches the owner before the effect begins, so a worker that dies
             # inside the step is noticed by its heartbeat timeout, not by redelivery.
             await self._beat(message, flush=True)
-            beat = asyncio.create_task(self._heartbeat_owner(message))
+            beat = asyncio.create_task(self._heartbeat_owner(message, pulse))
         try:
             value = await self.execute(message, delivery)
             result = StepResult(run_id=message.run_id, index=message.index,
@@ -196,6 +231,7 @@ class StepWorker(Actor[WorkItem]):
             result = self._error(message, {"type": type(exc).__name__, "message": str(exc),
                                            "retryable": True, "fields": {}})
         finally:
+            self._pulses.pop((message.key, message.attempt), None)
             if beat is not None:
                 beat.cancel()
         result.duration_ms = (time.perf_counter() - started) * 1000
@@ -250,11 +286,12 @@ class StepWorker(Actor[WorkItem]):
             if flush:
                 await self.bus.nc.flush(timeout=2)
 
-    async def _heartbeat_owner(self, item: WorkItem) -> None:
+    async def _heartbeat_owner(self, item: WorkItem, pulse: StepPulse) -> None:
         every = float(item.meta["heartbeat_timeout"]) / 3
         while True:
             await asyncio.sleep(every)
-            await self._beat(item)
+            if pulse.due():
+                await self._beat(item)
 
     async def reply(self, item: WorkItem, result: StepResult) -> None:
         """Hand ``result`` to the run's owner; failing that, store it on the durable inbox."""

@@ -141,6 +141,10 @@ def _differs(have: StreamConfig, want: StreamConfig) -> bool:
     )
 
 
+# How long a step's progress outlives its last heartbeat (a week: longer than any retry).
+PROGRESS_MAX_AGE = 7 * 24 * 3600.0
+
+
 async def provision(bus: Bus, limits: StreamLimits | None = None,
                     lease_marker_ttl: float = 60.0) -> None:
     """Create (or check) every stream, KV bucket and object store for ``bus.names``.
@@ -168,6 +172,12 @@ async def provision(bus: Bus, limits: StreamLimits | None = None,
     await _ensure_kv(bus, KeyValueConfig(
         bucket=names.budgets_bucket, history=8, storage=StorageType.FILE,
         replicas=limits.replicas,
+    ))
+    # Activity progress (heartbeat details), read by a step's next attempt; a step that
+    # ends deletes its value, and the age limit clears those of runs that ended without it.
+    await _ensure_kv(bus, KeyValueConfig(
+        bucket=names.progress_bucket, history=1, storage=StorageType.FILE,
+        replicas=limits.replicas, ttl=PROGRESS_MAX_AGE,
     ))
     # API keys: one record per key id holding the key's hash and tenant, never the key.
     await _ensure_kv(bus, KeyValueConfig(

@@ -92,6 +92,16 @@ class Names:
         return f"{self.prefix}-snapshots"
 
     @property
+    def progress_bucket(self) -> str:
+        """The last heartbeat details of activity steps, by step, for their next attempt."""
+        return f"{self.prefix}-progress"
+
+    @staticmethod
+    def progress_key(run_id: str, index: int) -> str:
+        """A step's key in the progress bucket."""
+        return f"{run_id}.{index}"
+
+    @property
     def apikeys_bucket(self) -> str:
         """HTTP API keys, one per key id, stored hashed (never the key itself)."""
         return f"{self.prefix}-apikeys"

@@ -321,6 +321,49 @@ async def test_a_step_past_its_timeout_is_retried(engine: NerveClient) -> None:
     assert failed.error["type"] == "StepTimeout" and not failed.final
 
 
+@acts.register
+async def reports_then_hangs(actx: ActivityContext, items: int) -> dict[str, Any]:
+    """Works through ``items``, reporting each; its first attempt hangs halfway, alive."""
+    start = (actx.heartbeat_details or {}).get("done", 0)
+    for done in range(start + 1, items + 1):
+        await asyncio.sleep(0.05)
+        actx.heartbeat({"done": done})
+        if actx.attempt == 1 and done == items // 2:
+            await asyncio.sleep(3600)  # hung: the worker beats on, the code is silent
+    return {"attempt": actx.attempt, "started_at": start}
+
+
+@registry.register(name="reports")
+async def reports(ctx: RunContext, inp: dict[str, Any]) -> Any:
+    from workflow import RetryPolicy
+
+    return await ctx.activity(reports_then_hangs, inp["items"], retry=RetryPolicy(
+        max_attempts=2, heartbeat_timeout=0.6, timeout=60, initial_interval=0.05))
+
+
+async def test_an_activity_that_stops_reporting_is_retried_from_its_last_report(
+        engine: NerveClient) -> None:
+    """Once an activity calls actx.heartbeat, its own silence times it out, though its
+    worker is alive; the retry starts from the details it last reported."""
+    from persistence import StepFailed
+
+    run_id = await engine.submit("acme", workflow="reports", input={"items": 10})
+    summary = await engine.wait(run_id, timeout=30)
+    assert summary.result == {"attempt": 2, "started_at": 5}
+    [failed] = [e for e in await engine.history(run_id) if isinstance(e, StepFailed)]
+    assert failed.error["type"] == "HeartbeatTimeout" and not failed.final
+
+
+def test_heartbeat_details_must_be_data() -> None:
+    from workflow._activity import _Progress
+
+    async def report() -> None:
+        _Progress(None, "k", None, found=False).report({"at": object()})
+
+    with pytest.raises(TypeError, match="heartbeat details must be data the bus carries"):
+        asyncio.run(report())
+
+
 @pytest.mark.timeout(90)
 async def test_a_silent_worker_is_noticed_by_its_heartbeat_timeout(
         bus: Bus, nats_server: EmbeddedNats, tmp_path) -> None:

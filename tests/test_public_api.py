@@ -17,7 +17,7 @@ PUBLIC = {
     "actors": ["Actor", "ActorState", "DeadLetter", "Delivery", "Envelope", "H_HEARTBEAT",
                "H_NOT_OWNER",
                "JSON", "MAX_RESULT_BYTES", "MSGPACK", "Permanent", "PoisonKeeper", "Requests",
-               "StepResult",
+               "StepPulse", "StepResult",
                "StepWorker", "WorkItem", "WorkQueue", "ask", "cancel_and_wait", "configure_tracing",
                "decode", "encode", "encode_json", "new_id", "publish_dead_letter", "run",
                "stop_task", "tracing_enabled", "unpack"],

@@ -165,3 +165,43 @@ async def test_a_worker_told_to_stop_mid_activity_stops_in_its_grace_and_runs_fi
     again = (await until_lines(log, "start", 2, timeout=40))[1]
     assert int(again[2]) == second.pid
     await client.cancel(run_id)  # enough: it came back
+
+
+@activity
+async def worker_restart_resumable(actx: ActivityContext, marker: str, items: int) -> dict:
+    """Reports each item done; the first worker to run it dies at the middle, SIGKILLed."""
+    start = (actx.heartbeat_details or {}).get("done", 0)
+    for done in range(start + 1, items + 1):
+        actx.heartbeat({"done": done})
+        if done == items // 2 and not os.path.exists(marker):
+            open(marker, "w").close()
+            await asyncio.sleep(2 * 1.0)  # past the details' write interval (1 s)
+            os.kill(os.getpid(), signal.SIGKILL)
+    return {"resumed_from": start, "pid": os.getpid()}
+
+
+@workflow(name="worker_restart_resumable")
+async def worker_restart_resumable_run(ctx: RunContext, inp: dict[str, Any]) -> dict:
+    return await ctx.activity(worker_restart_resumable, inp["marker"], inp["items"])
+
+
+async def test_a_step_taken_over_from_a_dead_worker_resumes_from_its_last_heartbeat(
+        engine: tuple[NerveClient, RoleProcs], bus: Bus, tmp_path: Path) -> None:
+    """Heartbeat details are durable: the worker that gets the step after a SIGKILL starts
+    where the dead one last reported, and the details are gone once the step is done."""
+    from nats.js.errors import KeyNotFoundError
+
+    client, workers = engine
+    procs = [await workers.start(f"activity-{n}") for n in (1, 2)]
+    run_id = await client.submit("acme", workflow="worker_restart_resumable",
+                                 input={"marker": str(tmp_path / "died"), "items": 10})
+    summary = await client.wait(run_id, timeout=60)
+    assert summary.status == "completed", summary
+    assert summary.result["resumed_from"] == 5
+    dead = [p for p in procs if p.returncode == -signal.SIGKILL]
+    assert len(dead) == 1 and summary.result["pid"] != dead[0].pid
+    await one_completion(client, run_id)
+    kv = await bus.js.key_value(bus.names.progress_bucket)
+    with pytest.raises(KeyNotFoundError):
+        await kv.get(bus.names.progress_key(run_id, 0))
+

@@ -5,15 +5,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import msgpack
 from nats.errors import Error as NatsClientError
+from nats.js.errors import KeyNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
 
-from actors import Delivery, StepWorker, WorkItem
-from nerve import ConfigError, StepError
+from actors import Delivery, StepPulse, StepWorker, WorkItem, encode
+from nerve import CodecError, ConfigError, StepError
 from workflow._definition import ActivityRegistry, activities
+
+log = logging.getLogger("nerve.workflow.activity")
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +29,8 @@ class ActivityContext:
 
     ``key`` is the same on every attempt and every redelivery of this step: use it to make
     the effect idempotent (a payment id, a ``create``-only KV key, an upsert key).
+    ``heartbeat_details`` is what an earlier attempt last passed to :meth:`heartbeat` (None
+    on a first attempt): start from there instead of from the beginning.
     """
 
     key: str
@@ -30,6 +39,22 @@ class ActivityContext:
     index: int
     attempt: int
     name: str
+    heartbeat_details: Any = None
+    _report: Callable[[Any], None] | None = field(default=None, repr=False, compare=False)
+
+    def heartbeat(self, details: Any = None) -> None:
+        """Report progress; callable from a coroutine or a plain function's thread.
+
+        From the first call on, the step's ``heartbeat_timeout`` (if its policy has one)
+        counts the time between these calls: an activity that stops calling (hung) has its
+        attempt timed out and retried, where without calls only the worker's own liveness
+        counts. ``details`` (any data the bus carries: a cursor, the last file done) are
+        kept durably and given to the next attempt, after a retry or a worker's crash, as
+        ``heartbeat_details``. Activities run with ``local=True`` have nowhere to report to:
+        the call does nothing there.
+        """
+        if self._report is not None:
+            self._report(details)
 
 
 async def call_activity(fn: Any, actx: ActivityContext, args: Any) -> Any:
@@ -39,6 +64,82 @@ async def call_activity(fn: Any, actx: ActivityContext, args: Any) -> Any:
     if inspect.iscoroutinefunction(fn):
         return await fn(actx, *positional, **keywords)
     return await asyncio.to_thread(fn, actx, *positional, **keywords)
+
+
+class _Progress:
+    """One running activity step's heartbeat details on their way to the progress bucket.
+
+    ``report`` (from any thread) keeps the latest details; a writer stores them at most
+    once a second while the step runs, and once more when an attempt ends without a result,
+    so the next attempt (here, on a peer, or after this worker's crash: then the last
+    second's details may be missing) starts from them. A step that succeeds deletes them.
+    """
+
+    WRITE_EVERY = 1.0
+
+    def __init__(self, kv: KeyValue | None, key: str, pulse: StepPulse | None,
+                 found: bool) -> None:
+        self._kv = kv
+        self._key = key
+        self._pulse = pulse
+        self._loop = asyncio.get_running_loop()
+        self._latest: bytes | None = None
+        self._written: bytes | None = None
+        self._stored = found  # the bucket holds details for this step
+        self._wake = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def report(self, details: Any) -> None:
+        if self._pulse is not None:
+            self._pulse.report()
+        if details is None:
+            return
+        try:
+            payload = encode(details)
+        except CodecError as exc:
+            raise TypeError(f"heartbeat details must be data the bus carries (dict, list, "
+                            f"str, numbers, bytes, pydantic models): {exc.message}") from None
+        self._latest = payload
+        self._loop.call_soon_threadsafe(self._wake_writer)
+
+    def _wake_writer(self) -> None:
+        if self._kv is None or self._closed:
+            return  # closed: a late report (from a thread that outlived its step) is moot
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_loop())
+        self._wake.set()
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self._write()
+            await asyncio.sleep(self.WRITE_EVERY)
+
+    async def _write(self) -> None:
+        latest = self._latest
+        if self._kv is None or latest is None or latest == self._written:
+            return
+        try:
+            await self._kv.put(self._key, latest)
+        except (NatsClientError, TimeoutError) as exc:
+            log.warning("heartbeat details of step %s not stored: %r", self._key, exc)
+            return
+        self._written = latest
+        self._stored = True
+
+    async def close(self, succeeded: bool) -> None:
+        self._closed = True
+        if self._writer is not None:
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+        if not succeeded:
+            await self._write()  # the next attempt starts from the very last details
+        elif self._stored and self._kv is not None:
+            with contextlib.suppress(NatsClientError, TimeoutError):
+                await self._kv.delete(self._key)
 
 
 class ActivityWorker(StepWorker):
@@ -65,11 +166,18 @@ class ActivityWorker(StepWorker):
         self._running: dict[str, set[asyncio.Task[Any]]] = {}  # run id -> its activities
         self._stopped: set[asyncio.Task[Any]] = set()  # cancelled because their run ended
         self._ended_sub: Any = None
+        self._progress: KeyValue | None = None
 
     async def on_start(self) -> None:
         assert self.bus is not None
         self._ended_sub = await self.bus.nc.subscribe(self.bus.names.run_ended(),
                                                       cb=self._on_run_ended)
+        try:
+            self._progress = await self.bus.js.key_value(self.bus.names.progress_bucket)
+        except NotFoundError:
+            log.warning("no KV bucket %s (run `nerve` once against this server to provision "
+                        "it): heartbeat details are not kept for the next attempt",
+                        self.bus.names.progress_bucket)
 
     async def on_stop(self) -> None:
         await super().on_stop()
@@ -100,8 +208,14 @@ class ActivityWorker(StepWorker):
                 "Every activity worker takes any activity step, so each must register every "
                 "activity the workflows call", activity=item.name, worker=self.worker_id,
                 retryable=True) from None
+        key = self.bus.names.progress_key(item.run_id, item.index) if self.bus else item.key
+        found = None
+        if self._progress is not None and (item.attempt > 1 or delivery.num_delivered > 1):
+            # Only a step tried before can have progress: a first try pays no read.
+            found = await self._last_details(key)
+        progress = _Progress(self._progress, key, self.pulse(item), found is not None)
         actx = ActivityContext(item.key, item.run_id, item.tenant, item.index, item.attempt,
-                               item.name)
+                               item.name, heartbeat_details=found, _report=progress.report)
         # Past its timeout the owner has given up on this attempt (and may have started the
         # next): an async activity is cancelled there rather than left running beside it. A
         # plain function in its thread cannot be stopped; its result is then ignored.
@@ -110,9 +224,12 @@ class ActivityWorker(StepWorker):
         assert task is not None
         running = self._running.setdefault(item.run_id, set())
         running.add(task)
+        succeeded = False
         try:
             async with asyncio.timeout(left):
-                return await call_activity(fn, actx, item.args)
+                value = await call_activity(fn, actx, item.args)
+            succeeded = True
+            return value
         except TimeoutError:
             if left is not None and time.time() >= item.deadline:  # type: ignore[operator]
                 raise StepError(f"attempt {item.attempt} of step {item.index} (activity "
@@ -131,3 +248,17 @@ class ActivityWorker(StepWorker):
             running.discard(task)
             if not running:
                 self._running.pop(item.run_id, None)
+            await progress.close(succeeded)
+
+    async def _last_details(self, key: str) -> Any:
+        """What an earlier attempt of the step last reported, if anything."""
+        assert self._progress is not None
+        try:
+            entry = await self._progress.get(key)
+        except KeyNotFoundError:
+            return None
+        except (NatsClientError, TimeoutError) as exc:
+            log.warning("heartbeat details of step %s not read (%r): the attempt starts "
+                        "without them", key, exc)
+            return None
+        return msgpack.unpackb(entry.value, raw=False) if entry.value else None

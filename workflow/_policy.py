@@ -13,7 +13,8 @@ class RetryPolicy:
     """How a step is retried.
 
     ``timeout`` bounds one attempt (start to result); ``heartbeat_timeout`` bounds the
-    silence of a worker running it (it heartbeats every third of that). Errors whose type is
+    silence of a worker running it (it heartbeats every third of that), or, once an activity
+    calls ``actx.heartbeat()``, the time between its calls. Errors whose type is
     in ``non_retryable``, or that say ``retryable: False``, fail the step at once.
     """
 
