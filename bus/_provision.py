@@ -135,8 +135,11 @@ async def _ensure_stream(bus: Bus, config: StreamConfig) -> None:
 def _differs(have: StreamConfig, want: StreamConfig) -> bool:
     fields = ("subjects", "retention", "storage", "max_age", "duplicate_window",
               "max_msg_size", "allow_direct", "allow_atomic", "num_replicas")
+    # A duplicate window of 0 is "the server's default" (2 min), which the server then
+    # reports: not a difference, or every start would update four streams for nothing.
     return any(
         getattr(want, f) is not None and getattr(have, f) != getattr(want, f)
+        and not (f == "duplicate_window" and not getattr(want, f))
         for f in fields
     )
 

@@ -170,7 +170,19 @@ async def test_provisioning_is_idempotent_and_concurrent(bus: Bus) -> None:
         assert info.config.name == stream
     await bus.js.key_value(names.leases_bucket)
     await bus.js.key_value(names.budgets_bucket)
+    await bus.js.key_value(names.progress_bucket)
     await bus.js.object_store(names.snapshots_bucket)
+
+
+async def test_provisioning_what_is_there_already_changes_nothing(
+        bus: Bus, caplog: pytest.LogCaptureFixture) -> None:
+    """Every role provisions at start: a deployment as nerve left it needs no update (the
+    server reports a duplicate window of 0 as its 2 min default, which is no difference)."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="nerve.bus.provision"):
+        await provision(bus)
+    assert [r.getMessage() for r in caplog.records] == []
 
 
 async def test_only_live_output_is_acked_before_it_is_on_disk(nats_server: EmbeddedNats,
