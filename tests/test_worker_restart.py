@@ -168,14 +168,15 @@ async def test_a_worker_told_to_stop_mid_activity_stops_in_its_grace_and_runs_fi
 
 
 @activity
-async def worker_restart_resumable(actx: ActivityContext, marker: str, items: int) -> dict:
-    """Reports each item done; the first worker to run it dies at the middle, SIGKILLed."""
+def worker_restart_resumable(actx: ActivityContext, marker: str, items: int) -> dict:
+    """Reports each item done (from its worker thread); the first worker to run it dies at
+    the middle, SIGKILLed."""
     start = (actx.heartbeat_details or {}).get("done", 0)
     for done in range(start + 1, items + 1):
         actx.heartbeat({"done": done})
         if done == items // 2 and not os.path.exists(marker):
             open(marker, "w").close()
-            await asyncio.sleep(2 * 1.0)  # past the details' write interval (1 s)
+            time.sleep(2 * 1.0)  # past the details' write interval (1 s)
             os.kill(os.getpid(), signal.SIGKILL)
     return {"resumed_from": start, "pid": os.getpid()}
 
