@@ -53,6 +53,7 @@ from nerve._errors import (
     UnknownTenant,
 )
 from persistence import SignalMessage
+from workflow import summarize
 
 
 def _svc(request: web.Request) -> Services:
@@ -203,7 +204,7 @@ async def send_signal(request: web.Request) -> web.Response:
     if state.finished:
         raise Conflict(f"run {run_id} is {state.run['status']}; a signal would change nothing",
                        run_id=run_id)
-    if name == "approval" or body.approves:
+    if summarize([e for _, e in state.events]).is_approval(name, body.approves):
         try:
             decision = ApprovalPayload.model_validate(body.payload)
         except ValidationError as exc:

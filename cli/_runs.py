@@ -335,7 +335,7 @@ async def _signal(args: argparse.Namespace) -> int:
         payload = _json_arg(args.payload, "payload")
         client = NerveClient(bus)
         summary = await _unfinished(client, args.run_id, "a signal would change nothing")
-        if args.name == "approval" or args.approves:
+        if summary.is_approval(args.name, args.approves):
             # Checked here as the API checks it: the run would only record a rejection.
             pending = [a["digest"] for a in summary.approvals if a["name"] == args.name]
             try:

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from api import SseEvent
-from bus import Bus
+from bus import Bus, EmbeddedNats
 from gateway_actor._script import _long_text
 from nerve import Conflict, InvalidRequest, PermissionDenied
 from tests.api_helpers import PRICED_MODEL, Api, api_stack, eventually, long_task
+from workflow import RunContext, workflow
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -203,3 +206,31 @@ def test_the_public_api_is_pinned() -> None:
         "SseEvent", "document", "load_admin_key", "rebuild", "run_api"}
     for name in api.__all__:
         assert getattr(api, name) is not None
+
+
+@workflow(name="api_plain_approval")
+async def plain_approval(ctx: RunContext, inp: dict[str, Any]) -> Any:
+    """A workflow's own wait named ``approval``: not bound to an agent's tool call."""
+    decision = await ctx.wait_signal("approval", timeout=120, default={"approved": False})
+    return decision.value
+
+
+async def test_a_workflows_own_approval_wait_takes_a_plain_signal_from_api_and_cli(
+        api: Api, nats_server: EmbeddedNats) -> None:
+    """Only a wait bound to a tool call needs {"approved"} and the digest; the README's
+    refund workflow waits for a plain signal that happens to be called ``approval``."""
+    via_api, via_cli = [await api.nerve.submit("acme", workflow="api_plain_approval", input={})
+                        for _ in "ab"]
+    for run_id in (via_api, via_cli):
+        await api.nerve.wait(run_id, timeout=30, statuses=("waiting",))
+    await api.acme.request("POST", f"/v1/runs/{via_api}/signals/approval",
+                           {"payload": {"approved": True, "by": "api"}})
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cli", "signal", via_cli, "approval",
+        '{"approved": true, "by": "cli"}', "--nats-url", nats_server.url,
+        "--prefix", api.nerve.bus.names.prefix, stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    for run_id, by in ((via_api, "api"), (via_cli, "cli")):
+        summary = await api.nerve.wait(run_id, timeout=30)
+        assert summary.result == {"approved": True, "by": by}

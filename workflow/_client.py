@@ -87,6 +87,17 @@ class RunSummary:
         """True once the run has ended (completed, failed or cancelled)."""
         return self.status in ENDED_STATUSES
 
+    def is_approval(self, name: str, approves: str | None) -> bool:
+        """Whether a signal must be checked as a tool-call approval (``{"approved": ...}``
+        naming a pending digest): it names a digest, or it is called ``approval`` and no
+        open wait takes it as a plain signal. The agent's approvals are bound to a tool
+        call; a workflow's own ``ctx.wait_signal("approval")`` is not."""
+        if approves:
+            return True
+        if name != "approval":
+            return False
+        return name not in self.waiting_for or any(a["name"] == name for a in self.approvals)
+
 
 def summarize(events: list[Event]) -> RunSummary:
     """Fold a history into a :class:`RunSummary`."""
