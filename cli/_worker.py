@@ -54,8 +54,14 @@ def _worker_command(args: argparse.Namespace) -> int:
 
 
 def import_workflow_modules(modules: list[str]) -> None:
+    """Import the ``--workflows`` modules (and ``NERVE_WORKFLOWS``), from the current
+    directory too: ``nerve worker``/``nerve replay`` find ``mymodule.py`` where ``nerve up``
+    (whose roles run ``python -m cli``, which puts it on the path) does."""
     env = os.environ.get("NERVE_WORKFLOWS", "")
-    for name in [*modules, *[m for m in env.split(",") if m.strip()]]:
+    names = [*modules, *[m for m in env.split(",") if m.strip()]]
+    if names and "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    for name in names:
         try:
             importlib.import_module(name.strip())
         except ImportError as exc:

@@ -398,3 +398,20 @@ async def test_follow_and_wait_are_bounded_by_timeout_and_name_the_run_at_once(
     events = [json.loads(line) for line in out.splitlines()]  # --json: one event per line
     assert events[0]["type"] == "run" and events[0]["data"]["run_id"].startswith("r")
     assert {"type": "status", "data": {"status": "waiting"}} in events
+
+
+async def test_the_nerve_script_finds_a_workflows_module_in_the_current_directory(
+        nats_server, tmp_path: Path) -> None:
+    """`nerve worker`/`nerve replay --workflows mymodule` run where mymodule.py is, as
+    `nerve up` does (the installed script, unlike `python -m`, has no cwd on its path)."""
+    (tmp_path / "cwdmod.py").write_text('raise RuntimeError("found and imported")\n')
+    script = Path(sys.executable).parent / "nerve"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = await asyncio.create_subprocess_exec(
+        str(script), "worker", "--role", "activity", "--workflows", "cwdmod",
+        "--nats-url", nats_server.url, cwd=tmp_path, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 78
+    assert "importing workflows module 'cwdmod' failed" in err.decode(), err.decode()
+    assert "RuntimeError: found and imported" in err.decode()
