@@ -301,6 +301,10 @@ async def test_an_exception_in_workflow_code_blocks_the_run_and_fixed_code_resum
     try:
         run_id = await client.submit("acme", workflow="buggy", input={})
         summary = await client.wait(run_id, timeout=20, statuses=("blocked",))
+        # Waiting for its end says where it is when the wait gives up.
+        with pytest.raises(WorkflowError, match=r"within 0\.5s: it is blocked: workflow buggy "
+                                                r"raised KeyError"):
+            await client.wait(run_id, timeout=0.5)
         raised = summary.blocked["diff"]["error"]
         assert raised["type"] == "KeyError" and "test_determinism.py" in raised["where"]
         assert "inp[\"extra\"]" in raised["traceback"]

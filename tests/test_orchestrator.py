@@ -15,7 +15,7 @@ import nats
 import pytest
 
 from bus import Bus, EmbeddedNats
-from nerve import TaskRejected
+from nerve import TaskRejected, WorkflowError
 from persistence import RunCancelled, RunHistory, TimerFired
 from workflow import (
     ActivityContext,
@@ -319,6 +319,15 @@ async def test_a_step_past_its_timeout_is_retried(engine: NerveClient) -> None:
     assert summary.result == "attempt 2"
     [failed] = [e for e in await engine.history(run_id) if isinstance(e, StepFailed)]
     assert failed.error["type"] == "StepTimeout" and not failed.final
+
+
+async def test_waiting_for_a_run_whose_task_was_refused_says_why(engine: NerveClient) -> None:
+    run_id = await engine.submit("acme", workflow="no-such-workflow", input={})
+    with pytest.raises(TaskRejected, match="no workflow named 'no-such-workflow'"):
+        await engine.wait(run_id, timeout=30)
+    # A client that did not submit it cannot know: its timeout says the run never started.
+    with pytest.raises(WorkflowError, match="it has not started"):
+        await NerveClient(engine.bus).wait(run_id, timeout=0.5)
 
 
 @acts.register

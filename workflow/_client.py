@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import json
@@ -148,8 +149,36 @@ def summarize(events: list[Event]) -> RunSummary:
 class NerveClient:
     """What the CLI, the HTTP API and tests use to talk to a running nerve."""
 
+    # How many of its submitted runs a client remembers, to tell a rejection to ``wait``.
+    REMEMBERED_SUBMISSIONS = 10_000
+
     def __init__(self, bus: Bus) -> None:
         self.bus = bus
+        # Runs this client submitted -> the orchestrator's reason, once it refuses the task.
+        self._refusals: collections.OrderedDict[str, asyncio.Future[str]] = (
+            collections.OrderedDict())
+        self._refusals_sub: Any = None
+
+    async def _expect(self, run_id: str) -> asyncio.Future[str]:
+        """Listen for a refusal of the task of ``run_id``, about to be sent: a refused task
+        never becomes a run, and the refusal goes out once, on ``nerve.tasks.rejected``, to
+        whoever listens then."""
+        if self._refusals_sub is None:
+            async def on_rejected(msg: Any) -> None:
+                with contextlib.suppress(ValueError, AttributeError):
+                    notice = json.loads(msg.data)
+                    refusal = self._refusals.get(notice.get("run_id"))
+                    if refusal is not None and not refusal.done():
+                        refusal.set_result(str(notice.get("reason") or "rejected"))
+
+            self._refusals_sub = await self.bus.nc.subscribe(self.bus.names.tasks_rejected,
+                                                             cb=on_rejected)
+        refusal = self._refusals.get(run_id)
+        if refusal is None or refusal.done():  # a refused task may be sent again, corrected
+            refusal = self._refusals[run_id] = asyncio.get_running_loop().create_future()
+        while len(self._refusals) > self.REMEMBERED_SUBMISSIONS:
+            self._refusals.popitem(last=False)
+        return refusal
 
     async def submit(self, tenant: str, task: str | None = None, *, input: dict[str, Any] | None
                      = None, workflow: str = "agent", run_id: str | None = None,
@@ -159,6 +188,7 @@ class NerveClient:
         run_id = run_id or new_id("r")
         request = _valid(TaskRequest, "task", task=task, input=input, workflow=workflow,
                          run_id=run_id, labels=labels or {}, **extra)
+        await self._expect(run_id)
         await self._publish_task(tenant, request)
         return run_id
 
@@ -170,26 +200,17 @@ class NerveClient:
         started within ``timeout`` (it is queued). Raises :class:`~nerve.TaskRejected` with
         the orchestrator's reason if the task is refused (an unknown workflow, an invalid
         input, a tenant over budget): such a run never starts, so waiting for it without
-        listening for the refusal would never end. The refusal goes out once, on
-        ``nerve.tasks.rejected``, to whoever listens then: hence the publishing here.
+        listening for the refusal would never end. The refusal goes out once, to whoever
+        listens then: hence the publishing here.
         """
-        loop = asyncio.get_running_loop()
-        started: asyncio.Future[None] = loop.create_future()
-        rejected: asyncio.Future[str] = loop.create_future()
+        started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
         async def on_history(msg: Any) -> None:
             if not started.done():
                 started.set_result(None)
 
-        async def on_rejected(msg: Any) -> None:
-            with contextlib.suppress(ValueError, AttributeError):
-                notice = json.loads(msg.data)
-                if notice.get("run_id") == run_id and not rejected.done():
-                    rejected.set_result(str(notice.get("reason") or "rejected"))
-
-        nc = self.bus.nc
-        subs = [await nc.subscribe(self.bus.names.history(run_id), cb=on_history),
-                await nc.subscribe(self.bus.names.tasks_rejected, cb=on_rejected)]
+        rejected = await self._expect(run_id)
+        subs = [await self.bus.nc.subscribe(self.bus.names.history(run_id), cb=on_history)]
         try:
             await publish()
             if await RunHistory(self.bus, run_id).first() is not None:
@@ -204,7 +225,6 @@ class NerveClient:
                 with contextlib.suppress(NatsClientError):
                     await sub.unsubscribe()
             started.cancel()
-            rejected.cancel()
 
     async def fork(self, run_id: str, at: int, *, tenant: str,
                    new_run_id: str | None = None) -> str:
@@ -287,11 +307,19 @@ class NerveClient:
 
     async def wait(self, run_id: str, timeout: float | None = None,
                    statuses: tuple[str, ...] = ENDED_STATUSES) -> RunSummary:
-        """Wait until the run reaches one of ``statuses`` (by default: it ended)."""
+        """Wait until the run reaches one of ``statuses`` (by default: it ended).
+
+        A run this client submitted whose task the orchestrator refused raises
+        :class:`~nerve.TaskRejected` with the reason. A blocked run (nondeterminism, a bug in
+        its code) is waited through, as it resumes once fixed code replays it: pass
+        ``statuses=(*ENDED_STATUSES, "blocked")`` to get its summary (``blocked`` says why)
+        instead. The timeout's error says where the run was.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         # Re-read the history when the run publishes a status change (live), and every few
         # seconds in case a live event was missed.
         sub = await self.bus.nc.subscribe(self.bus.names.stream(run_id))
+        summary: RunSummary | None = None
         try:
             while True:
                 try:
@@ -299,14 +327,19 @@ class NerveClient:
                     if summary.status in statuses:
                         return summary
                 except RunNotFound:
-                    pass  # not started yet
-                poll_until = time.monotonic() + 5.0
+                    # Not started yet; or never will be, if its task was refused.
+                    refusal = self._refusals.get(run_id)
+                    if refusal is not None and refusal.done():
+                        raise TaskRejected(f"the task of run {run_id} was rejected: "
+                                           f"{refusal.result()}", run_id=run_id) from None
+                # Before the run exists, look again soon: its start (or refusal) is near.
+                poll_until = time.monotonic() + (5.0 if summary is not None else 0.2)
                 while True:
                     left = None if deadline is None else deadline - time.monotonic()
                     if left is not None and left <= 0:
                         raise WorkflowError(
                             f"run {run_id} did not reach {'/'.join(statuses)} within "
-                            f"{timeout}s", run_id=run_id, retryable=True)
+                            f"{timeout}s: {_where(summary)}", run_id=run_id, retryable=True)
                     wait = min(poll_until - time.monotonic(), left if left is not None else 5.0)
                     if wait <= 0:
                         break
@@ -318,6 +351,19 @@ class NerveClient:
                         break
         finally:
             await sub.unsubscribe()
+
+
+def _where(summary: RunSummary | None) -> str:
+    """Where a run is, for an error that says it is not where it was expected."""
+    if summary is None:
+        return ("it has not started (no orchestrator has taken its task yet: is one running "
+                "against this NATS and prefix?)")
+    if summary.status == "blocked":
+        return (f"it is blocked: {(summary.blocked or {}).get('reason', '')}. It resumes when "
+                "an orchestrator running fixed code replays it")
+    if summary.status == "waiting":
+        return f"it waits for a signal ({', '.join(summary.waiting_for)})"
+    return f"it is {summary.status}"
 
 
 def _valid(model_type: type[M], what: str, /, **fields: Any) -> M:
