@@ -235,6 +235,15 @@ class Bus:
         url = self.nc.connected_url
         return url.geturl() if url else None
 
+    async def hold(self) -> None:
+        """Keep the connection open until cancelled, then close it. As a child of a
+        supervisor tree, after the server's child: the tree stops children in reverse order,
+        so the connection closes before the server goes, instead of reconnecting to it."""
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await self.close()
+
     async def close(self, drain: bool = True) -> None:
         """Close the connection; ``drain`` first lets in-flight messages finish (skip it when
         the server is already gone)."""

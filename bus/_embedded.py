@@ -85,7 +85,7 @@ class EmbeddedNatsConfig:
     every two minutes): faster, but acked writes can be lost if the machine dies.
     """
 
-    store_dir: Path
+    store_dir: Path  # a str is taken too
     port: int = 0  # 0 picks a free loopback port
     host: str = "127.0.0.1"
     max_memory_store: int = 512 * 1024 * 1024
@@ -97,6 +97,9 @@ class EmbeddedNatsConfig:
     ready_timeout: float = 15.0
     stop_with_parent: bool = True  # Linux: the server stops when the process that started it dies
     lock_wait: float = 5.0  # how long to wait for another server to let go of the store
+
+    def __post_init__(self) -> None:
+        self.store_dir = Path(self.store_dir)
 
 
 class EmbeddedNats:

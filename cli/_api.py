@@ -12,6 +12,7 @@ import argparse
 import getpass
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -108,9 +109,9 @@ async def _create(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"key": key, **record.public()}))
     else:
-        print(key)
+        print(key)  # alone on stdout: KEY=$(nerve apikey create ...) is the key
         print(f"# key {record.id} for tenant {record.tenant}: shown once, store it now "
-              "(only its hash is kept)")
+              "(only its hash is kept)", file=sys.stderr)
     return 0
 
 

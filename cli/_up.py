@@ -163,7 +163,7 @@ class Cluster:
             await provision(bus)
             # Stopped after every role and before the server (reverse start order): the
             # last events are flushed while there is still a server to take them.
-            children.append(ChildSpec("events-connection", self._hold_bus, shutdown=5))
+            children.append(ChildSpec("events-connection", bus.hold, shutdown=5))
             env = dict(os.environ, PYTHONUNBUFFERED="1")
             for role in self.roles:
                 ident = self.role_id(role)
@@ -198,14 +198,6 @@ class Cluster:
             why = await asyncio.to_thread(_last_error, proc.log_file)
             raise ConfigError(f"{why or f'the {role} role refused its configuration'} "
                               f"(see {proc.log_file})") from None
-
-    async def _hold_bus(self) -> None:
-        """The supervisor's own connection, as a child of the tree: open until stopped."""
-        assert self._bus is not None
-        try:
-            await asyncio.Event().wait()
-        finally:
-            await self._bus.close()
 
     async def _wait_roles_ready(self, bus: Bus, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout

@@ -64,6 +64,11 @@ async def test_apikey_logs_runs_and_reindex_from_the_command_line(
     assert code == 0
     created = json.loads(out)
     key = created["key"]
+    # Without --json the key is alone on stdout (KEY=$(nerve apikey create ...)), the note
+    # that it is shown once on stderr.
+    code, out, err = await nerve("apikey", "create", "--tenant", "acme", *target)
+    assert code == 0 and out.strip().startswith("nrv_") and len(out.split()) == 1
+    assert "shown once" in err
     code, out, _ = await nerve("apikey", "list", "--json", *target)
     listed = json.loads(out)
     assert created["id"] in [k["id"] for k in listed] and all("sha256" not in k for k in listed)

@@ -55,7 +55,8 @@ async def test_embedded_server_is_durable_and_reports_where_it_is(tmp_path: Path
 
 
 async def test_lazy_sync_is_a_documented_switch(tmp_path: Path) -> None:
-    server = EmbeddedNats(EmbeddedNatsConfig(store_dir=tmp_path / "d", sync_always=False))
+    # store_dir as a str, as people write it (it used to fail on Path methods at start).
+    server = EmbeddedNats(EmbeddedNatsConfig(store_dir=str(tmp_path / "d"), sync_always=False))
     await server.start()
     try:
         assert "sync_interval" not in (tmp_path / "d" / "run" / "nats-server.conf").read_text()

@@ -262,8 +262,9 @@ class NerveClient:
         except NoStreamResponseError:
             raise BusError(f"no stream stores {subject}: nerve's streams are not on this "
                            f"NATS (prefix {self.bus.names.prefix!r}) yet; start `nerve up "
-                           f"--nats-url ...` or a `nerve worker` there, which create them, "
-                           f"or check --prefix", subject=subject) from None
+                           f"--nats-url ...` or a `nerve worker` there, which create them "
+                           f"(embedding nerve: `await provision(bus)`, from `bus`), or check "
+                           f"--prefix", subject=subject) from None
 
     async def signal(self, run_id: str, name: str, payload: Any = None, *,
                      sender: str | None = None, approves: str | None = None,
