@@ -423,3 +423,30 @@ async def test_a_second_orchestrator_under_a_live_ones_id_is_refused(
         await first.stop()
     assert proc.returncode == 78, err.decode()
     assert f"orchestrator id orchestrator-twin is in use by pid {os.getpid()}" in err.decode()
+
+
+async def test_a_run_whose_driver_keeps_crashing_is_taken_up_again_ever_more_slowly(
+        bus: Bus, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A driver that crashes (a bug in nerve, injected here: no workflow can cause it) is
+    retried with a doubling wait, not at every sweep forever."""
+    import logging
+
+    from workflow._driver import RunDriver
+
+    async def crash(self: RunDriver) -> bool:
+        raise RuntimeError("injected: a bug in the driver")
+
+    monkeypatch.setattr(RunDriver, "_replay", crash)
+    orch = Orchestrator(bus, "crashy", registry=registry, host_ttl=1)
+    orch.sweep_every = 0.25  # waits of 0.25, 0.5, 1, 2, 4 s; without backing off, 40 crashes
+    await orch.start()
+    try:
+        with caplog.at_level(logging.ERROR, logger="nerve.workflow.orchestrator"):
+            run_id = await NerveClient(bus).submit("acme", workflow="slow", input={})
+            await asyncio.sleep(10)
+    finally:
+        await orch.stop()
+    crashes = [r.getMessage() for r in caplog.records
+               if r.getMessage().startswith(f"run {run_id} driver crashed")]
+    assert 2 <= len(crashes) <= 7, crashes
+    assert "(2 in a row; taking the run up again in 0.5 s)" in crashes[1]

@@ -69,6 +69,8 @@ from workflow._policy import RetryPolicy
 log = logging.getLogger("nerve.workflow.orchestrator")
 
 REJECTED_TENANT = "rejected"
+# The longest wait before a run whose driver keeps crashing is taken up again.
+CRASH_BACKOFF_MAX = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +150,10 @@ class Orchestrator:
         # Runs we own whose driver stopped without ending them (blocked, missing): not
         # claimed again by our own sweeps until this process restarts.
         self._parked: set[str] = set()
+        # Runs whose driver crashed (a bug in nerve, not in the workflow): crashes in a row
+        # and when to take the run up again. Backing off keeps a run that crashes its driver
+        # every time from growing its history by an OwnerChanged every sweep, forever.
+        self._crashed: dict[str, tuple[int, float]] = {}
         self.sweep_every = max(5.0, 3 * host_ttl)
         self._kill_notices: KillNotices | None = None
         self._subs: list[Any] = []
@@ -344,6 +350,8 @@ class Orchestrator:
                 run_id = key.partition(".")[2]
                 if run_id in self.drivers or run_id in self._parked:
                     continue
+                if run_id in self._crashed and time.monotonic() < self._crashed[run_id][1]:
+                    continue
                 record = RunRecord.decode(value)
                 if record.owner == self.owner_id or record.owner not in hosts:
                     await self._claim(run_id, record, revision)
@@ -404,8 +412,14 @@ class Orchestrator:
             self._driver_tasks.pop(run_id, None)
             if driver.status in ("blocked", "missing"):
                 self._parked.add(run_id)
-            if not t.cancelled() and t.exception() is not None:
-                log.error("run %s driver crashed: %r", run_id, t.exception())
+            if t.cancelled() or t.exception() is None:
+                self._crashed.pop(run_id, None)
+                return
+            crashes = self._crashed.get(run_id, (0, 0.0))[0] + 1
+            delay = min(CRASH_BACKOFF_MAX, self.sweep_every * 2 ** (crashes - 1))
+            self._crashed[run_id] = (crashes, time.monotonic() + delay)
+            log.error("run %s driver crashed (%d in a row; taking the run up again in %.1f s): "
+                      "%r", run_id, crashes, delay, t.exception(), exc_info=t.exception())
 
         task.add_done_callback(done)
         return driver
