@@ -238,7 +238,16 @@ class StepWorker(Actor[WorkItem]):
         self._remember(message, result)
         return result
 
+    async def superseded(self, item: WorkItem, delivery: Delivery) -> str | None:
+        """Why ``item`` must not run (a redelivery of a step that is over), or None. Such an
+        item is acked and nothing is sent: the owner has moved on."""
+        return None
+
     async def handle(self, message: WorkItem, delivery: Delivery) -> None:
+        if (why := await self.superseded(message, delivery)) is not None:
+            log.info("%s: not running step %s (attempt %d) again: %s", self.name, message.key,
+                     message.attempt, why)
+            return
         result = await self.perform(message, delivery)
         # The slot this handler holds bounds how many steps run at once, not how many
         # results are on their way: deliver in the background, ack (or nak) when delivered.

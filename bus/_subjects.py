@@ -177,6 +177,11 @@ class Names:
         the host running the run's sandbox destroys it."""
         return f"{self.prefix}.ctl.run.{self._id(run_id, 'run id')}.ended"
 
+    def attempt_given_up(self, run_id: str = "*") -> str:
+        """Where a run's owner says it gave up on an attempt of a step (core NATS, best
+        effort; payload ``<index>:<attempt>``): its worker stops running it."""
+        return f"{self.prefix}.ctl.run.{self._id(run_id, 'run id')}.given-up"
+
     def tenant_kill(self, tenant: str = "*") -> str:
         return f"{self.prefix}.ctl.tenant.{self._id(tenant, 'tenant')}.kill"
 

@@ -51,6 +51,17 @@ from supervisor import (
 
 log = logging.getLogger("nerve.cli.up")
 
+# A role that lived less than ROLE_YOUNG seconds died young; its next start waits
+# ROLE_BACKOFF_FIRST, doubling with each young death in a row up to ROLE_BACKOFF_MAX.
+ROLE_YOUNG = 10.0
+ROLE_BACKOFF_FIRST = 0.5
+ROLE_BACKOFF_MAX = 30.0
+# More restarts than this within RESTART_PERIOD seconds, all roles together, and nerve up
+# stops (everything is failing: a person must look). The back-off keeps one crash-looping
+# role well under it.
+RESTART_INTENSITY = 20
+RESTART_PERIOD = 60.0
+
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("up", help="run everything on this machine (embedded NATS + all roles)")
@@ -103,6 +114,7 @@ class Cluster:
         self.server: EmbeddedNats | None = None
         self.nats_url: str = args.nats_url or ""
         self.procs: dict[str, OsProcess] = {}
+        self._young_deaths: dict[str, int] = {}  # role -> deaths in a row, each < ROLE_YOUNG
         self.supervisor: Supervisor | None = None
         self.http_url: str | None = None
         self.http_port: int | None = None
@@ -178,7 +190,7 @@ class Cluster:
                 children.append(ChildSpec(role, functools.partial(self._run_role, role, proc),
                                           shutdown=15))
             self.supervisor = Supervisor("nerve-up", children, strategy=Strategy.ONE_FOR_ONE,
-                                         intensity=10, period=30,
+                                         intensity=RESTART_INTENSITY, period=RESTART_PERIOD,
                                          on_event=[self._on_supervisor_event,
                                                    bus_event_sink(bus)])
             self._tree = asyncio.create_task(self.supervisor.run(), name="nerve-up-tree")
@@ -189,6 +201,14 @@ class Cluster:
             raise
 
     async def _run_role(self, role: str, proc: OsProcess) -> None:
+        # A role that died young is started again after a doubling wait, as systemd's
+        # RestartSec or a crash-loop back-off would: one killed over and over, or crashing
+        # at once, neither spins nor spends the tree's restart budget in seconds.
+        young = self._young_deaths.get(role, 0)
+        if young:
+            await asyncio.sleep(min(ROLE_BACKOFF_MAX, ROLE_BACKOFF_FIRST * 2 ** (young - 1)))
+            self._rewrite_soon()  # nerve.json said "no pid" while it waited
+        started = time.monotonic()
         try:
             await proc.run()
         except ProcessExited as exc:
@@ -198,6 +218,9 @@ class Cluster:
             why = await asyncio.to_thread(_last_error, proc.log_file)
             raise ConfigError(f"{why or f'the {role} role refused its configuration'} "
                               f"(see {proc.log_file})") from None
+        finally:
+            lived = time.monotonic() - started
+            self._young_deaths[role] = young + 1 if lived < ROLE_YOUNG else 0
 
     async def _wait_roles_ready(self, bus: Bus, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout

@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -415,3 +416,23 @@ async def test_the_nerve_script_finds_a_workflows_module_in_the_current_director
     assert proc.returncode == 78
     assert "importing workflows module 'cwdmod' failed" in err.decode(), err.decode()
     assert "RuntimeError: found and imported" in err.decode()
+
+
+async def test_a_role_killed_again_and_again_comes_back_after_growing_waits(
+        up: tuple[Path, asyncio.subprocess.Process, int]) -> None:
+    """Each death within 10 s of the role's start doubles the wait before the next start:
+    a role killed as soon as it is back (a tester, a crash at start-up) does not spin, and
+    does not spend the restart budget that would stop the whole of nerve up."""
+    data, proc, _ = up
+    waits = []
+    for _ in range(4):
+        pid = state(data)["roles"]["activity"]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        async with asyncio.timeout(60):
+            while state(data)["roles"]["activity"]["pid"] in (pid, None):
+                await asyncio.sleep(0.05)
+        waits.append(time.monotonic() - killed)
+    assert proc.returncode is None and alive(state(data)["roles"]["activity"]["pid"])
+    # Lower bounds only: a wait is never shorter than asked (0.5 s, then 1, 2, 4).
+    assert all(w >= 0.5 * 2 ** k for k, w in enumerate(waits)), waits

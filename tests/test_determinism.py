@@ -315,11 +315,12 @@ async def test_an_exception_in_workflow_code_blocks_the_run_and_fixed_code_resum
         assert not report.deterministic and "the workflow code raised" in report.describe()
         assert (await replay_run(bus, run_id, buggy_registry("fixed"))).deterministic
         await o1.stop()
-        # Restarting unfixed code blocks it again, without a second RunBlocked.
-        o2 = Orchestrator(bus, "o-bug-2", registry=buggy_registry("bug"), host_ttl=1)
-        await o2.start()
-        await _until(lambda: _owned_by(client, run_id, "o-bug-2"))
-        await o2.stop()
+        # Restarting unfixed code (twice) blocks it again, without another RunBlocked.
+        for n in (2, 3):
+            o2 = Orchestrator(bus, f"o-bug-{n}", registry=buggy_registry("bug"), host_ttl=1)
+            await o2.start()
+            await _until(lambda n=n: _owned_by(client, run_id, f"o-bug-{n}"))
+            await o2.stop()
         o3 = Orchestrator(bus, "o-fixed", registry=buggy_registry("fixed"), host_ttl=1)
         await o3.start()
         done = await client.wait(run_id, timeout=20)

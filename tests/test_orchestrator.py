@@ -13,6 +13,7 @@ from typing import Any
 
 import nats
 import pytest
+from nats.js.errors import KeyNotFoundError
 
 from bus import Bus, EmbeddedNats
 from nerve import TaskRejected, WorkflowError
@@ -334,18 +335,41 @@ async def test_waiting_for_a_run_whose_task_was_refused_says_why(engine: NerveCl
 async def reports_then_hangs(actx: ActivityContext, items: int) -> dict[str, Any]:
     """Works through ``items``, reporting each; its first attempt hangs halfway, alive."""
     start = (actx.heartbeat_details or {}).get("done", 0)
+    if actx.attempt > 1:
+        # Was the hung attempt stopped when its owner gave up on it (not only at run end)?
+        for _ in range(40):
+            if actx.key in STOPPED:
+                break
+            await asyncio.sleep(0.05)
     for done in range(start + 1, items + 1):
         await asyncio.sleep(0.05)
         actx.heartbeat({"done": done})
         if actx.attempt == 1 and done == items // 2:
-            await asyncio.sleep(3600)  # hung: the worker beats on, the code is silent
-    return {"attempt": actx.attempt, "started_at": start}
+            try:
+                await asyncio.sleep(3600)  # hung: the worker beats on, the code is silent
+            except asyncio.CancelledError:
+                STOPPED.append(actx.key)
+                raise
+    return {"attempt": actx.attempt, "started_at": start, "first_stopped": actx.key in STOPPED}
+
+
+STOPPED: list[str] = []  # keys of hung attempts their worker stopped
+
+
+@acts.register
+def reports_to_the_end(actx: ActivityContext, items: int) -> int:
+    """A plain function whose last report comes just before it returns."""
+    for done in range(1, items + 1):
+        actx.heartbeat({"done": done})
+    return items
 
 
 @registry.register(name="reports")
 async def reports(ctx: RunContext, inp: dict[str, Any]) -> Any:
     from workflow import RetryPolicy
 
+    if inp.get("to_the_end"):
+        return await ctx.activity(reports_to_the_end, inp["items"])
     return await ctx.activity(reports_then_hangs, inp["items"], retry=RetryPolicy(
         max_attempts=2, heartbeat_timeout=0.6, timeout=60, initial_interval=0.05))
 
@@ -358,9 +382,27 @@ async def test_an_activity_that_stops_reporting_is_retried_from_its_last_report(
 
     run_id = await engine.submit("acme", workflow="reports", input={"items": 10})
     summary = await engine.wait(run_id, timeout=30)
-    assert summary.result == {"attempt": 2, "started_at": 5}
+    # The hung attempt did not sleep on beside the retry: its worker stopped it when the
+    # owner gave up on it.
+    assert summary.result == {"attempt": 2, "started_at": 5, "first_stopped": True}
     [failed] = [e for e in await engine.history(run_id) if isinstance(e, StepFailed)]
     assert failed.error["type"] == "HeartbeatTimeout" and not failed.final
+    # The step is done: its details are gone, and the stopped attempt did not write its own
+    # back over the deletion.
+    await asyncio.sleep(1.5)
+    kv = await engine.bus.js.key_value(engine.bus.names.progress_bucket)
+    with pytest.raises(KeyNotFoundError):
+        await kv.get(engine.bus.names.progress_key(run_id, 0))
+
+
+async def test_details_reported_just_before_success_are_deleted(engine: NerveClient) -> None:
+    kv = await engine.bus.js.key_value(engine.bus.names.progress_bucket)
+    for _ in range(5):  # the last report's write may be in flight as the step ends
+        run_id = await engine.submit("acme", workflow="reports",
+                                     input={"items": 3, "to_the_end": True})
+        assert (await engine.wait(run_id, timeout=30)).result == 3
+        with pytest.raises(KeyNotFoundError):
+            await kv.get(engine.bus.names.progress_key(run_id, 0))
 
 
 def test_heartbeat_details_must_be_data() -> None:

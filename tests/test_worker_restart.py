@@ -206,3 +206,47 @@ async def test_a_step_taken_over_from_a_dead_worker_resumes_from_its_last_heartb
     with pytest.raises(KeyNotFoundError):
         await kv.get(bus.names.progress_key(run_id, 0))
 
+
+
+@activity
+def worker_restart_replaced(actx: ActivityContext, log: str, marker: str) -> str:
+    """Attempt 1 dies (its worker SIGKILLed) while reporting; a later attempt reports for
+    7 s: long enough for the queue to hand the dead worker's item back meanwhile."""
+    with open(log, "a") as f:
+        f.write(f"start {actx.attempt} {os.getpid()} {time.time()}\n")
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        for _ in range(8):
+            actx.heartbeat({"at": "first"})
+            time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGKILL)
+    for _ in range(35):
+        actx.heartbeat({"at": "later"})
+        time.sleep(0.2)
+    return f"attempt {actx.attempt}"
+
+
+@workflow(name="worker_restart_replaced")
+async def worker_restart_replaced_run(ctx: RunContext, inp: dict[str, Any]) -> str:
+    from workflow import RetryPolicy
+
+    return await ctx.activity(worker_restart_replaced, inp["log"], inp["marker"],
+                              retry=RetryPolicy(heartbeat_timeout=1.0, timeout=60,
+                                                initial_interval=0.05))
+
+
+async def test_a_dead_workers_attempt_that_was_replaced_is_not_run_again(
+        engine: tuple[NerveClient, RoleProcs], tmp_path: Path) -> None:
+    """The owner's heartbeat timeout starts attempt 2 on a live worker; when the queue then
+    hands back the dead worker's attempt 1, the history says it was given up: not run."""
+    client, workers = engine
+    log = tmp_path / "activity.log"
+    for ident in ("activity-1", "activity-2"):
+        await workers.start(ident)
+    run_id = await client.submit("acme", workflow="worker_restart_replaced",
+                                 input={"log": str(log), "marker": str(tmp_path / "died")})
+    summary = await client.wait(run_id, timeout=60)
+    assert summary.status == "completed" and summary.result == "attempt 2", summary
+    await asyncio.sleep(StepWorker.ack_wait)  # any redelivery has come and gone by now
+    assert [s[1] for s in lines(log, "start")] == ["1", "2"], log.read_text()
+    await one_completion(client, run_id)

@@ -9,7 +9,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import msgpack
 from nats.errors import Error as NatsClientError
@@ -17,7 +17,8 @@ from nats.js.errors import KeyNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
 from actors import Delivery, StepPulse, StepWorker, WorkItem, encode
-from nerve import CodecError, ConfigError, StepError
+from nerve import CodecError, ConfigError, NerveError, StepError
+from persistence import TERMINAL_TYPES, RunHistory, StepCompleted, StepFailed
 from workflow._definition import ActivityRegistry, activities
 
 log = logging.getLogger("nerve.workflow.activity")
@@ -48,10 +49,10 @@ class ActivityContext:
         From the first call on, the step's ``heartbeat_timeout`` (if its policy has one)
         counts the time between these calls: an activity that stops calling (hung) has its
         attempt timed out and retried, where without calls only the worker's own liveness
-        counts. ``details`` (any data the bus carries: a cursor, the last file done) are
-        kept durably and given to the next attempt, after a retry or a worker's crash, as
-        ``heartbeat_details``. Activities run with ``local=True`` have nowhere to report to:
-        the call does nothing there.
+        counts. ``details`` (any data the bus carries: a cursor, the last file done; sets
+        and tuples come back as lists) are kept durably and given to the next attempt, after
+        a retry or a worker's crash, as ``heartbeat_details``. Activities run with
+        ``local=True`` have nowhere to report to: the call does nothing there.
         """
         if self._report is not None:
             self._report(details)
@@ -121,23 +122,27 @@ class _Progress:
         latest = self._latest
         if self._kv is None or latest is None or latest == self._written:
             return
+        self._stored = True  # before the put: cancelled in flight, it may land all the same
         try:
             await self._kv.put(self._key, latest)
         except (NatsClientError, TimeoutError) as exc:
             log.warning("heartbeat details of step %s not stored: %r", self._key, exc)
             return
         self._written = latest
-        self._stored = True
 
-    async def close(self, succeeded: bool) -> None:
+    async def close(self, outcome: Literal["succeeded", "failed", "given up"]) -> None:
+        """The attempt is over: a success deletes the step's details; a failure stores the
+        last ones for the next attempt; an attempt given up (its run ended, or its owner runs
+        another one) writes nothing, or it could overwrite the details of the attempt that
+        replaced it."""
         self._closed = True
         if self._writer is not None:
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
-        if not succeeded:
-            await self._write()  # the next attempt starts from the very last details
-        elif self._stored and self._kv is not None:
+        if outcome == "failed":
+            await self._write()
+        elif outcome == "succeeded" and self._stored and self._kv is not None:
             with contextlib.suppress(NatsClientError, TimeoutError):
                 await self._kv.delete(self._key)
 
@@ -152,9 +157,13 @@ class ActivityWorker(StepWorker):
     runs it. That is also how a dead worker's steps come back within seconds, to a peer or
     to its own restart.
 
-    An async activity is cancelled when its step's timeout passes (the owner has given up on
-    that attempt) and when its run ends (cancelled, failed, or done without it): it gets
-    ``CancelledError`` where it awaits, so its ``finally`` blocks run.
+    An async activity is cancelled when its step's timeout passes, when its owner gives up
+    on the attempt (its heartbeat timeout: another attempt runs) and when its run ends
+    (cancelled, failed, or done without it): it gets ``CancelledError`` where it awaits, so
+    its ``finally`` blocks run. A plain function's thread cannot be stopped, but it stops
+    counting: its heartbeats and result are ignored. An item delivered again after its
+    worker died is not run if the run's history shows the step done or that attempt
+    replaced by a later one.
     """
 
     durable: ClassVar[str] = "activities"
@@ -163,15 +172,20 @@ class ActivityWorker(StepWorker):
                  ) -> None:
         super().__init__("activity-worker", worker_id)
         self.registry = registry or activities
-        self._running: dict[str, set[asyncio.Task[Any]]] = {}  # run id -> its activities
-        self._stopped: set[asyncio.Task[Any]] = set()  # cancelled because their run ended
-        self._ended_sub: Any = None
+        # run id -> its running activities and their items
+        self._running: dict[str, dict[asyncio.Task[Any], WorkItem]] = {}
+        # Activities cancelled because they are moot (their run ended, or their owner gave
+        # up on the attempt), with why.
+        self._stopped: dict[asyncio.Task[Any], str] = {}
+        self._subs: list[Any] = []
         self._progress: KeyValue | None = None
 
     async def on_start(self) -> None:
         assert self.bus is not None
-        self._ended_sub = await self.bus.nc.subscribe(self.bus.names.run_ended(),
-                                                      cb=self._on_run_ended)
+        names = self.bus.names
+        self._subs = [await self.bus.nc.subscribe(names.run_ended(), cb=self._on_run_ended),
+                      await self.bus.nc.subscribe(names.attempt_given_up(),
+                                                  cb=self._on_given_up)]
         try:
             self._progress = await self.bus.js.key_value(self.bus.names.progress_bucket)
         except NotFoundError:
@@ -181,15 +195,52 @@ class ActivityWorker(StepWorker):
 
     async def on_stop(self) -> None:
         await super().on_stop()
-        if self._ended_sub is not None:
+        for sub in self._subs:
             with contextlib.suppress(NatsClientError):
-                await self._ended_sub.unsubscribe()
+                await sub.unsubscribe()
 
     async def _on_run_ended(self, msg: Any) -> None:
         run_id = msg.subject.rsplit(".", 2)[-2]
-        for task in self._running.get(run_id, ()):
-            self._stopped.add(task)
+        for task in self._running.get(run_id, {}):
+            self._stop(task, "its run ended")
+
+    async def _on_given_up(self, msg: Any) -> None:
+        run_id = msg.subject.rsplit(".", 2)[-2]
+        index, _, attempt = msg.data.decode(errors="replace").partition(":")
+        with contextlib.suppress(ValueError):
+            for task, item in self._running.get(run_id, {}).items():
+                if item.index == int(index) and item.attempt <= int(attempt):
+                    self._stop(task, f"its owner gave up on attempt {item.attempt} (timed "
+                                     "out) and runs another")
+
+    def _stop(self, task: asyncio.Task[Any], why: str) -> None:
+        if task not in self._stopped:
+            self._stopped[task] = why
             task.cancel()
+
+    async def superseded(self, item: WorkItem, delivery: Delivery) -> str | None:
+        """Why an item delivered again (its worker died, or went silent) must not run: its
+        run's history shows the step done, this attempt given up for a later one, or the
+        run ended. Read only on a redelivery; an unreadable history runs it (at least
+        once)."""
+        if delivery.num_delivered <= 1 or self.bus is None:
+            return None
+        try:
+            events = await RunHistory(self.bus, item.run_id).read()
+        except (NatsClientError, TimeoutError, NerveError) as exc:
+            log.warning("history of run %s not read (%r): running redelivered step %s",
+                        item.run_id, exc, item.key)
+            return None
+        for ev in reversed(events):
+            if ev.type in TERMINAL_TYPES:
+                return f"its run has ended ({ev.type.removeprefix('run_')})"
+            if isinstance(ev, StepCompleted) and ev.index == item.index:
+                return "the step has completed"
+            if isinstance(ev, StepFailed) and ev.index == item.index and (
+                    ev.final or ev.attempt >= item.attempt):
+                return f"attempt {ev.attempt} of the step failed ({ev.error.get('type')})" + (
+                    "" if ev.final else "; a later attempt runs it")
+        return None
 
     def work_subjects(self) -> list[str]:
         """The ``NERVE_WORK`` subject of activity steps."""
@@ -222,13 +273,13 @@ class ActivityWorker(StepWorker):
         left = None if item.deadline is None else item.deadline - time.time()
         task = asyncio.current_task()
         assert task is not None
-        running = self._running.setdefault(item.run_id, set())
-        running.add(task)
-        succeeded = False
+        running = self._running.setdefault(item.run_id, {})
+        running[task] = item
+        outcome: Literal["succeeded", "failed", "given up"] = "failed"
         try:
             async with asyncio.timeout(left):
                 value = await call_activity(fn, actx, item.args)
-            succeeded = True
+            outcome = "succeeded"
             return value
         except TimeoutError:
             if left is not None and time.time() >= item.deadline:  # type: ignore[operator]
@@ -240,15 +291,16 @@ class ActivityWorker(StepWorker):
             if task not in self._stopped:
                 raise  # the worker is stopping: the step is redelivered
             task.uncancel()
-            raise StepError(f"activity {item.name} (step {item.index}) was stopped: its run "
-                            "ended", run_id=item.run_id, index=item.index,
-                            retryable=False) from None
+            outcome = "given up"
+            raise StepError(f"activity {item.name} (step {item.index}, attempt "
+                            f"{item.attempt}) was stopped: {self._stopped[task]}",
+                            run_id=item.run_id, index=item.index, retryable=False) from None
         finally:
-            self._stopped.discard(task)
-            running.discard(task)
+            self._stopped.pop(task, None)
+            running.pop(task, None)
             if not running:
                 self._running.pop(item.run_id, None)
-            await progress.close(succeeded)
+            await progress.close(outcome)
 
     async def _last_details(self, key: str) -> Any:
         """What an earlier attempt of the step last reported, if anything."""

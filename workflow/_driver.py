@@ -175,6 +175,7 @@ class RunDriver:
         self._to_dispatch: list[_Open] = []
         self._local_runs: set[asyncio.Task[None]] = set()
         self._replies: list[str] = []
+        self._given_up: list[str] = []  # "<index>:<attempt>" to announce after the commit
         self._emits: list[StreamEvent] = []
         self._inbox_seq = 0
         self._pending_dispatch_retry: asyncio.TimerHandle | None = None
@@ -380,7 +381,8 @@ class RunDriver:
     async def _block_once(self, events: list[Event], reason: str, diff: dict[str, Any]) -> None:
         self.status = "blocked"
         self._new_commands.clear()  # steps the code issued before it diverged stay as they are
-        last = events[-1] if events else None
+        # Each restart's takeover adds an OwnerChanged, not another RunBlocked saying the same.
+        last = next((e for e in reversed(events) if not isinstance(e, OwnerChanged)), None)
         if not (isinstance(last, RunBlocked) and last.reason == reason):
             await self._commit([RunBlocked(reason=reason, diff=diff)])
         self._emits.append(StreamEvent(type="status", run_id=self.run_id,
@@ -667,6 +669,9 @@ class RunDriver:
                                         "message": f"attempt {op.attempt} of step {cmd.index} "
                                                    f"({cmd.kind} {cmd.name}) timed out "
                                                    f"({t.reason})"}, events)
+                # Its worker may still be at it (hung, or only slow): told after the commit,
+                # it stops, so the attempt does not run on beside the next one.
+                self._given_up.append(f"{cmd.index}:{t.attempt}")
 
     async def _catch_up_inbox(self, into: list[Event] | None = None) -> None:
         """Process what the durable inbox holds past what we have seen."""
@@ -693,6 +698,11 @@ class RunDriver:
         for reply in replies:
             with contextlib.suppress(NatsClientError):
                 await self.bus.publish(reply, b"")
+        given_up, self._given_up = self._given_up, []
+        for attempt in given_up:
+            with contextlib.suppress(NatsClientError):
+                await self.bus.publish(self.names.attempt_given_up(self.run_id),
+                                       attempt.encode())
         if self.instance is not None:
             self._emits.extend(self.instance.take_emits())
         emits, self._emits = self._emits, []
