@@ -316,7 +316,8 @@ class NerveClient:
         ``statuses=(*ENDED_STATUSES, "blocked")`` to get its summary (``blocked`` says why)
         instead. The timeout's error says where the run was.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
+        begun = time.monotonic()
+        deadline = None if timeout is None else begun + timeout
         # Re-read the history when the run publishes a status change (live), and every few
         # seconds in case a live event was missed.
         sub = await self.bus.nc.subscribe(self.bus.names.stream(run_id))
@@ -333,8 +334,10 @@ class NerveClient:
                     if refusal is not None and refusal.done():
                         raise TaskRejected(f"the task of run {run_id} was rejected: "
                                            f"{refusal.result()}", run_id=run_id) from None
-                # Before the run exists, look again soon: its start (or refusal) is near.
-                poll_until = time.monotonic() + (5.0 if summary is not None else 0.2)
+                # A run we just submitted: look again soon, its start (or refusal) is near.
+                soon = (summary is None and run_id in self._refusals
+                        and time.monotonic() - begun < 30)
+                poll_until = time.monotonic() + (0.2 if soon else 5.0)
                 while True:
                     left = None if deadline is None else deadline - time.monotonic()
                     if left is not None and left <= 0:
