@@ -372,3 +372,45 @@ async def _until(check: Any, timeout: float = 20) -> None:
     async with asyncio.timeout(timeout):
         while not await check():
             await asyncio.sleep(0.1)
+
+
+def lifecycle_registry(stage: str) -> WorkflowRegistry:
+    """One patch's life: "guarded" (old and new paths), "kept" (old path deleted, the call
+    kept), "removed" (the call deleted too)."""
+    reg = WorkflowRegistry()
+
+    @reg.register(name="lifecycle")
+    async def lifecycle(ctx: RunContext, inp: dict[str, Any]) -> Any:
+        if stage == "guarded":
+            new = ctx.patched("double-first")
+        elif stage == "kept":
+            ctx.patched("double-first")
+            new = True
+        else:
+            new = True
+        first = await ctx.activity(inc, 2 if new else 1)
+        return await ctx.activity(inc, first)
+
+    return reg
+
+
+async def test_a_patch_is_retired_by_keeping_its_call_until_no_run_recorded_it(
+        bus: Bus) -> None:
+    client = NerveClient(bus)
+    worker = ActivityWorker(live_acts)
+    await worker.start(bus)
+    orch = Orchestrator(bus, "o-lifecycle", registry=lifecycle_registry("guarded"))
+    await orch.start()
+    try:
+        run_id = await client.submit("acme", workflow="lifecycle", input={})
+        assert (await client.wait(run_id, timeout=20)).result == 4
+    finally:
+        await orch.stop()
+        await worker.stop()
+    history = await client.history(run_id)
+    # The old path deleted, the call kept: histories with the marker replay.
+    assert replay_history(history, lifecycle_registry("kept")).deterministic
+    # The call deleted while such histories may still replay: caught, with the marker named.
+    report = replay_history(history, lifecycle_registry("removed"))
+    assert not report.deterministic
+    assert report.diff["expected"]["name"] == "patched:double-first"
