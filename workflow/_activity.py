@@ -102,7 +102,8 @@ class _Progress:
             raise TypeError(f"heartbeat details must be data the bus carries (dict, list, "
                             f"str, numbers, bytes, pydantic models): {exc.message}") from None
         self._latest = payload
-        self._loop.call_soon_threadsafe(self._wake_writer)
+        with contextlib.suppress(RuntimeError):  # a thread outliving its worker's loop
+            self._loop.call_soon_threadsafe(self._wake_writer)
 
     def _wake_writer(self) -> None:
         if self._kv is None or self._closed:
