@@ -350,7 +350,11 @@ async def _signal(args: argparse.Namespace) -> int:
                                f"(nerve show {args.run_id} lists them)", run_id=args.run_id)
         sid = await client.signal(args.run_id, args.name, payload,
                                   sender=args.sender or "cli", approves=args.approves)
-        if args.name not in summary.waiting_for:
+        if args.name in summary.late_for:
+            print(f"nerve: run {args.run_id}'s last wait for {args.name!r} timed out and none "
+                  "is open: the signal is recorded as late and changes nothing",
+                  file=sys.stderr)
+        elif args.name not in summary.waiting_for:
             # Not an error (a later wait takes it), but most often a misspelt name.
             waits = ", ".join(summary.waiting_for) or "no signal"
             print(f"nerve: run {args.run_id} waits for {waits} now; the signal "

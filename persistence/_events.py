@@ -201,7 +201,13 @@ class RunContinued(_Event):
     input: Any = None
     next_index: int
     segment: int
+    # Filled in by the owner as it records the end of a segment: the signals received and
+    # not yet delivered, how far the run's inbox had been read, and the ids of the signals
+    # the ending segment saw. A takeover replays the latest segment alone and starts from
+    # these.
     buffered_signals: list[dict[str, Any]] = Field(default_factory=list)
+    inbox_seq: int = 0
+    seen_signals: list[str] = Field(default_factory=list)
 
 
 class RunBlocked(_Event):

@@ -264,7 +264,7 @@ async def late(ctx: RunContext, inp: dict[str, Any]) -> Any:
 
 
 async def test_a_late_signal_is_recorded_as_expired_and_changes_nothing(
-        engine: NerveClient) -> None:
+        engine: NerveClient, nats_server: EmbeddedNats) -> None:
     from persistence import SignalRejected, SignalTimedOut
 
     run_id = await engine.submit("acme", workflow="late", input={})
@@ -272,7 +272,15 @@ async def test_a_late_signal_is_recorded_as_expired_and_changes_nothing(
     async with asyncio.timeout(20):
         while not any(isinstance(e, SignalTimedOut) for e in await engine.history(run_id)):
             await asyncio.sleep(0.05)
-    await engine.signal(run_id, "approve", "too late", sender="slow-sam")
+    assert (await engine.summary(run_id)).late_for == ["approve"]
+    # `nerve signal` says so, rather than that the signal is kept for a later wait.
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cli", "signal", run_id, "approve", '"too late"', "--sender",
+        "slow-sam", "--nats-url", nats_server.url, "--prefix", engine.bus.names.prefix,
+        stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL)
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0
+    assert "timed out and none is open: the signal is recorded as late" in err.decode()
     async with asyncio.timeout(20):
         while not any(isinstance(e, SignalRejected) for e in await engine.history(run_id)):
             await asyncio.sleep(0.05)

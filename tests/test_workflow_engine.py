@@ -35,6 +35,7 @@ from workflow import (
     RetryPolicy,
     RunContext,
     WorkflowRegistry,
+    replay_history,
 )
 
 wf = WorkflowRegistry()
@@ -502,3 +503,106 @@ async def test_an_activity_whose_run_is_cancelled_is_stopped_with_it(
     async with asyncio.timeout(10):
         while f"{run_id}:0" not in STOPPED:
             await asyncio.sleep(0.05)
+
+
+@wf.register(name="entity")
+async def entity(ctx: RunContext, inp: dict[str, Any]) -> Any:
+    """A long-lived entity: adds up signals, continuing as new every ``per`` of them."""
+    state = {"total": inp.get("total", 0), "seen": inp.get("seen", [])}
+    for _ in range(inp.get("per", 5)):
+        sig = await ctx.wait_signal("add")
+        if sig.value == "stop":
+            return state
+        state["total"] += sig.value
+        state["seen"].append(sig.value)
+    ctx.continue_as_new({**inp, **state})
+
+
+async def test_signals_that_arrive_while_a_run_continues_as_new_reach_the_next_segment(
+        engine: tuple[Orchestrator, NerveClient]) -> None:
+    """A burst of signals lands in the same batch as the end of a segment: they are
+    buffered, recorded, and delivered in order to the next segments' waits."""
+    _, client = engine
+    run_id = await client.submit("acme", workflow="entity", input={"per": 5})
+    await client.wait(run_id, timeout=20, statuses=("waiting",))
+    # All at once: many land in the batch whose first signal ends a segment.
+    sends = [asyncio.ensure_future(client.signal(run_id, "add", n)) for n in range(1, 31)]
+    await asyncio.gather(*sends)
+    await client.signal(run_id, "add", "stop")
+    summary = await client.wait(run_id, timeout=30)
+    assert summary.result["total"] == sum(range(1, 31))
+    assert sorted(summary.result["seen"]) == list(range(1, 31))
+    assert summary.segments == 7
+
+
+async def test_a_takeover_after_continue_as_new_delivers_no_signal_twice(bus: Bus) -> None:
+    """The takeover replays the latest segment alone: it reads the inbox from where that
+    segment began, not from the start (the earlier segments' signals again)."""
+    from persistence import RunContinued, RunHistory
+
+    client = NerveClient(bus)
+    worker = ActivityWorker(acts)
+    await worker.start(bus)
+    first = Orchestrator(bus, "entity-a", registry=wf, host_ttl=1)
+    await first.start()
+    try:
+        run_id = await client.submit("acme", workflow="entity", input={"per": 3})
+        for n in range(1, 8):
+            await client.wait(run_id, timeout=20, statuses=("waiting",))
+            await client.signal(run_id, "add", n)
+            await asyncio.sleep(0.05)
+        async with asyncio.timeout(20):  # 7 signals: two segments ended, the third has one
+            while (await client.summary(run_id)).segments < 3:
+                await asyncio.sleep(0.05)
+        await first.stop()
+        second = Orchestrator(bus, "entity-b", registry=wf, host_ttl=1)
+        await second.start()
+        try:
+            for n in range(8, 11):
+                await client.signal(run_id, "add", n)
+            await client.signal(run_id, "add", "stop")
+            summary = await client.wait(run_id, timeout=30)
+        finally:
+            await second.stop()
+    finally:
+        await worker.stop()
+    assert summary.result == {"total": sum(range(1, 11)), "seen": list(range(1, 11))}
+    continued = [e for e in await RunHistory(bus, run_id).read() if isinstance(e, RunContinued)]
+    assert continued[0].inbox_seq > 0
+
+
+def ordered_registry(order: list[int], as_completed: bool) -> WorkflowRegistry:
+    reg = WorkflowRegistry()
+
+    @reg.register(name="ordered")
+    async def ordered(ctx: RunContext, inp: dict[str, Any]) -> Any:
+        steps = [ctx.activity(add, n, 0) for n in order]
+        if as_completed:
+            return [await f for f in ctx.as_completed(steps)]
+        return await asyncio.gather(*steps)
+
+    return reg
+
+
+async def test_ctx_as_completed_starts_steps_in_list_order(bus: Bus) -> None:
+    """Unlike asyncio.as_completed, whose set starts them in an order that changes between
+    processes; and a replay that meets steps in another order says so."""
+    from persistence import StepScheduled
+
+    client = NerveClient(bus)
+    worker = ActivityWorker(acts)
+    await worker.start(bus)
+    orch = Orchestrator(bus, "ordered", registry=ordered_registry([3, 1, 2], True))
+    await orch.start()
+    try:
+        run_id = await client.submit("acme", workflow="ordered", input={})
+        summary = await client.wait(run_id, timeout=20)
+    finally:
+        await orch.stop()
+        await worker.stop()
+    assert sorted(summary.result) == [1, 2, 3]
+    history = await client.history(run_id)
+    assert [e.args["args"][0] for e in history if isinstance(e, StepScheduled)] == [3, 1, 2]
+    report = replay_history(history, ordered_registry([1, 3, 2], False))
+    assert not report.deterministic and report.diff["moved_from"] == 1
+    assert "asyncio.as_completed" in report.error and "ctx.as_completed" in report.error

@@ -82,6 +82,9 @@ class RunSummary:
     approvals: list[dict[str, Any]] = field(default_factory=list)
     blocked: dict[str, Any] | None = None
     segments: int = 1
+    # Signal names whose last wait timed out, with no wait of that name open since: such a
+    # signal is recorded as late and changes nothing.
+    late_for: list[str] = field(default_factory=list)
 
     @property
     def done(self) -> bool:
@@ -109,6 +112,7 @@ def summarize(events: list[Event]) -> RunSummary:
                    first.at, events=len(events))
     waits: dict[int, str] = {}
     approves: dict[int, str] = {}
+    late: set[str] = set()
     for ev in events[1:]:
         if isinstance(ev, StepScheduled):
             s.steps += 1
@@ -118,12 +122,16 @@ def summarize(events: list[Event]) -> RunSummary:
                     approves[ev.index] = str(ev.args["approves"])
         elif isinstance(ev, SignalReceived) and ev.delivered_to is not None:
             waits.pop(ev.delivered_to, None)
+            late.discard(ev.name)
         elif isinstance(ev, SignalTimedOut | StepCompleted | WaitAbandoned) or (
                 isinstance(ev, StepFailed) and ev.final):
             waits.pop(ev.index, None)
+            if isinstance(ev, SignalTimedOut):
+                late.add(ev.name)
         elif isinstance(ev, RunContinued):
             s.segments += 1
             waits.clear()
+            late.clear()
         elif isinstance(ev, RunPaused):
             s.status = "paused"
         elif isinstance(ev, RunResumed):
@@ -139,6 +147,7 @@ def summarize(events: list[Event]) -> RunSummary:
     if s.done:
         waits.clear()  # an ended run waits for nothing, whatever its code left open
     s.waiting_for = sorted(set(waits.values()))
+    s.late_for = sorted(late - set(s.waiting_for)) if not s.done else []
     s.approvals = [{"index": i, "name": waits[i], "digest": d}
                    for i, d in sorted(approves.items()) if i in waits]
     if s.status == "running" and s.waiting_for:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import random as _random
 import time
 import uuid as _uuid
-from collections.abc import Callable
-from typing import Any, NoReturn
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from typing import Any, NoReturn, TypeVar
 
 from pydantic import BaseModel
 
@@ -16,6 +17,7 @@ from workflow._instance import ContinueAsNew, Signal, WorkflowInstance
 from workflow._policy import DEFAULT_POLICIES, RetryPolicy
 
 ACTIVITY_ATTR = "__nerve_activity__"
+T = TypeVar("T")
 
 
 def activity_name(fn: str | Callable[..., Any]) -> str:
@@ -177,6 +179,16 @@ class RunContext:
         same run. A run that lives for weeks calls this now and then so that a takeover
         replays only its latest segment."""
         raise ContinueAsNew(_plain(input))
+
+    def as_completed(self, aws: Iterable[Awaitable[T]]) -> Iterator[asyncio.Future[T]]:
+        """``asyncio.as_completed`` that starts the steps in the order given.
+
+        ``asyncio.as_completed`` puts coroutines in a set before making them tasks, so the
+        steps they issue get their indices in an order that changes from one process to the
+        next, and a replay elsewhere blocks the run. Here they become tasks in list order
+        first; results still come as they complete (in the order the history recorded).
+        """
+        return asyncio.as_completed([asyncio.ensure_future(a) for a in aws])
 
     def patched(self, change_id: str) -> bool:
         """True where new code should run: always for new runs, and for old histories only

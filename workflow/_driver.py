@@ -164,6 +164,7 @@ class RunDriver:
         self._retry_at: dict[int, float] = {}
         self._closed: set[int] = set()
         self._signals_seen: set[str] = set()
+        self._segment_seen: set[str] = set()  # ... since the current segment began
         self._notices_seen: set[str] = set()
         self._buffered: dict[str, deque[SignalReceived]] = defaultdict(deque)
         self._timed_out_names: set[str] = set()
@@ -430,11 +431,21 @@ class RunDriver:
             self._timed_out_names.add(event.name)
         elif isinstance(event, WaitAbandoned):
             self._close(event.index)
+        elif isinstance(event, RunContinued):
+            # A takeover that replays this segment alone starts from what the last one left.
+            self._inbox_seq = max(self._inbox_seq, event.inbox_seq)
+            self._signals_seen.update(event.seen_signals)
+            self._segment_seen.clear()
+            self._timed_out_names.clear()  # the old segment's waits are gone
+            for raw in event.buffered_signals:
+                self._track(SignalReceived.model_validate(raw))
         elif isinstance(event, SignalReceived):
             if event.signal_id:
-                self._signals_seen.add(event.signal_id)
+                self._seen(event.signal_id)
             if event.delivered_to is None:
-                self._buffered[event.name].append(event)
+                queue = self._buffered[event.name]
+                if not any(s.signal_id == event.signal_id for s in queue if s.signal_id):
+                    queue.append(event)
             else:
                 self._close(event.delivered_to)
                 self._timed_out_names.discard(event.name)
@@ -444,7 +455,7 @@ class RunDriver:
                         s for s in queue if s.signal_id != event.signal_id)
         elif isinstance(event, SignalRejected):
             if event.signal_id:
-                self._signals_seen.add(event.signal_id)
+                self._seen(event.signal_id)
         elif isinstance(event, CancelRequested):
             self._cancel_requested = True
             self._cancel_seq = event.source_seq or 0
@@ -507,6 +518,16 @@ class RunDriver:
         await self._flush_outputs()
 
     async def _commit(self, events: list[Event]) -> None:
+        # A segment's end carries what the next one needs that its own events will not
+        # hold: where the inbox was read up to, and the signals received but not delivered.
+        # A takeover replays the latest segment alone, and would otherwise read the inbox
+        # from the start (signals of earlier segments again) and lose the buffered ones.
+        if any(isinstance(ev, RunContinued) for ev in events):
+            # Read what the inbox holds now (signals stored but not yet seen live): from
+            # here on, inbox_seq bounds what a takeover must read again.
+            await self._catch_up_inbox(into=events)
+            events = [self._carried(ev) if isinstance(ev, RunContinued) else ev
+                      for ev in events]
         for attempt in range(1, 6):
             try:
                 seq = await self.history.append(*events)
@@ -523,6 +544,16 @@ class RunDriver:
                     raise
                 log.warning("run %s: append failed (%s); retrying", self.run_id, exc.message)
                 await asyncio.sleep(0.2 * attempt)
+
+    def _carried(self, continued: RunContinued) -> RunContinued:
+        buffered = [sig.model_dump(mode="json") for queue in self._buffered.values()
+                    for sig in queue]
+        # Signals seen live in this segment may be stored past inbox_seq (the stream can
+        # store a message a moment after delivering it): their ids keep them from counting
+        # twice after a takeover.
+        return continued.model_copy(update={
+            "inbox_seq": self._inbox_seq, "buffered_signals": buffered,
+            "seen_signals": sorted(self._segment_seen)})
 
     async def _handle(self, item: Input, events: list[Event]) -> None:
         if isinstance(item, _Result):
@@ -616,10 +647,14 @@ class RunDriver:
                                   step_index=message.step_index)
                 self._apply_fresh(cls(**fields), events)
 
+    def _seen(self, signal_id: str) -> None:
+        self._signals_seen.add(signal_id)
+        self._segment_seen.add(signal_id)
+
     def _on_signal(self, sig: SignalMessage, seq: int | None, events: list[Event]) -> None:
         if sig.signal_id in self._signals_seen:
             return
-        self._signals_seen.add(sig.signal_id)
+        self._seen(sig.signal_id)
         common = {"name": sig.name, "payload": sig.payload, "sender": sig.sender,
                   "signal_id": sig.signal_id, "source_seq": seq}
         waits = sorted(i for i, op in self._open.items()
@@ -896,10 +931,12 @@ class RunDriver:
         assert self.definition is not None
         instance = self._new_instance(self.definition, [continued], continued)
         instance.apply(continued, recorded=True)
-        self._adopt(instance.take_commands(), live=True)
+        # The segment's first steps, then what signals buffered meanwhile do to them (each
+        # delivered to its wait, recorded after that wait's StepScheduled).
         fresh = instance.take_events()
         for event in fresh:
             self._track(event)
+        self._adopt(instance.take_commands(), live=True, produced=fresh)
         self._emits.extend(instance.take_emits())
         if fresh:
             await self._commit(fresh)

@@ -480,8 +480,12 @@ class WorkflowInstance:
             recorded_args = getattr(rec.event, "args", None)
             shown = ((recorded_args, args) if (rec.kind, rec.name) == (kind, name)
                      and recorded_args is not None and _small(args) else None)
+            # The very step the code issued, recorded at another index: an order change.
+            moved = next((i for i, r in sorted(self._recorded.items())
+                          if i not in self._issued and (r.kind, r.name, r.digest)
+                          == (kind, name, digest)), None)
             raise_nondeterminism(self.run_id, index, expected=(rec.kind, rec.name, rec.digest),
-                                 got=(kind, name, digest), args=shown)
+                                 got=(kind, name, digest), args=shown, moved_from=moved)
 
     def _check_not_behind(self, index: int, kind: str, name: str, digest: str) -> None:
         if self._replaying and self._recorded and index < max(self._recorded):
@@ -533,7 +537,8 @@ def _small(value: Any) -> bool:
 
 def raise_nondeterminism(run_id: str, index: int, *, expected: tuple[str, str, str] | None,
                          got: tuple[str, str, str] | None,
-                         args: tuple[Any, Any] | None = None) -> None:
+                         args: tuple[Any, Any] | None = None,
+                         moved_from: int | None = None) -> None:
     def show(t: tuple[str, str, str] | None, value: Any = None) -> str:
         if t is None:
             return "nothing"
@@ -552,9 +557,17 @@ def raise_nondeterminism(run_id: str, index: int, *, expected: tuple[str, str, s
     }
     if args is not None:
         diff["expected"]["args"], diff["got"]["args"] = args
-    hint = (" Arguments that differ on every replay come from time, randomness or I/O in the "
-            "workflow: take them from ctx.now()/ctx.random()/ctx.uuid() or an activity."
-            if args is not None else "")
+    if moved_from is not None:
+        diff["moved_from"] = moved_from
+        hint = (f" The history has that very step at step {moved_from}: steps started together "
+                "were started in another order. asyncio.as_completed (like iterating a set) "
+                "starts them in an order that changes from one process to the next: use "
+                "ctx.as_completed(...), or create their tasks in list order first.")
+    elif args is not None:
+        hint = (" Arguments that differ on every replay come from time, randomness or I/O in "
+                "the workflow: take them from ctx.now()/ctx.random()/ctx.uuid() or an activity.")
+    else:
+        hint = ""
     raise NondeterminismError(
         f"run {run_id}, step {index}: the history recorded "
         f"{show(expected, args[0] if args else None)} but the code issued "
