@@ -19,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextvars
+import inspect
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -42,6 +44,7 @@ class WorkflowLoop(asyncio.AbstractEventLoop):
         self._running = False
         self._closed = False
         self.errors: list[dict[str, Any]] = []
+        self._tasks: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
 
     # -- driving ---------------------------------------------------------------------------
     def run_until_quiescent(self) -> None:
@@ -90,7 +93,9 @@ class WorkflowLoop(asyncio.AbstractEventLoop):
 
     def create_task(self, coro: Any, *, name: str | None = None,
                     context: contextvars.Context | None = None) -> asyncio.Task[Any]:
-        return asyncio.Task(coro, loop=self, name=name, context=context)
+        task = asyncio.Task(coro, loop=self, name=name, context=context)
+        self._tasks.add(task)
+        return task
 
     def get_debug(self) -> bool:
         return False
@@ -104,6 +109,13 @@ class WorkflowLoop(asyncio.AbstractEventLoop):
     def close(self) -> None:
         self._closed = True
         self._ready.clear()
+        # Tasks that never got to run (the code blocked first): close their coroutines, or
+        # each warns "never awaited" when collected (at the end of `nerve replay`, say).
+        for task in list(self._tasks):
+            coro = task.get_coro()
+            if not task.done() and inspect.iscoroutine(coro) and \
+                    inspect.getcoroutinestate(coro) == inspect.CORO_CREATED:
+                coro.close()
 
     def call_exception_handler(self, context: dict[str, Any]) -> None:
         self.errors.append(context)
