@@ -569,6 +569,7 @@ async def test_a_takeover_after_continue_as_new_delivers_no_signal_twice(bus: Bu
     assert summary.result == {"total": sum(range(1, 11)), "seen": list(range(1, 11))}
     continued = [e for e in await RunHistory(bus, run_id).read() if isinstance(e, RunContinued)]
     assert continued[0].inbox_seq > 0
+    assert len(continued[0].seen_signals) == 3  # the ids of the signals its segment took
 
 
 def ordered_registry(order: list[int], as_completed: bool) -> WorkflowRegistry:

@@ -435,7 +435,6 @@ class RunDriver:
             # A takeover that replays this segment alone starts from what the last one left.
             self._inbox_seq = max(self._inbox_seq, event.inbox_seq)
             self._signals_seen.update(event.seen_signals)
-            self._segment_seen.clear()
             self._timed_out_names.clear()  # the old segment's waits are gone
             for raw in event.buffered_signals:
                 self._track(SignalReceived.model_validate(raw))
@@ -551,9 +550,9 @@ class RunDriver:
         # Signals seen live in this segment may be stored past inbox_seq (the stream can
         # store a message a moment after delivering it): their ids keep them from counting
         # twice after a takeover.
+        seen, self._segment_seen = sorted(self._segment_seen), set()
         return continued.model_copy(update={
-            "inbox_seq": self._inbox_seq, "buffered_signals": buffered,
-            "seen_signals": sorted(self._segment_seen)})
+            "inbox_seq": self._inbox_seq, "buffered_signals": buffered, "seen_signals": seen})
 
     async def _handle(self, item: Input, events: list[Event]) -> None:
         if isinstance(item, _Result):
