@@ -279,9 +279,16 @@ class Cluster:
             tmp.write_text(json.dumps(self.state(), indent=2))
             tmp.replace(path)  # atomic: readers never see half a file
 
-    async def wait(self) -> None:
+    async def wait(self, stop: asyncio.Event) -> None:
+        """Until the tree ends (it gave up: its error is raised) or ``stop`` is set."""
         assert self._tree is not None
-        await self._tree
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({self._tree, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        if self._tree.done():
+            self._tree.result()
 
     async def stop(self) -> None:
         if self._tree is not None:
@@ -317,10 +324,21 @@ async def up_main(args: argparse.Namespace) -> int:
     cluster = Cluster(args)
     main = asyncio.current_task()
     loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def on_signal() -> None:
+        stop.set()
+        if main is not None:
+            main.cancel()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: main.cancel() if main else None)
+        loop.add_signal_handler(sig, on_signal)
     try:
         await cluster.start()
+        if stop.is_set():
+            # Asked to stop while starting, and the cancel was lost on the way (Python
+            # 3.11's wait_for drops a cancel that lands as its awaitable completes).
+            raise asyncio.CancelledError
         st = cluster.state()
         print(f"nerve is up ({len(cluster.roles)} roles, data in {cluster.data_dir})")
         print(f"  NATS:   {st['nats_url']}   (prefix {args.prefix})")
@@ -332,7 +350,7 @@ async def up_main(args: argparse.Namespace) -> int:
         print(f"  state:  {cluster.data_dir / STATE_FILE}")
         print(f"try:  nats pub --server {st['nats_url']} {args.prefix}.tasks.acme "
               "'{\"task\": \"...\"}'   or   nerve run \"...\"", flush=True)
-        await cluster.wait()
+        await cluster.wait(stop)
     except asyncio.CancelledError:
         print("nerve: stopping", flush=True)
     finally:
