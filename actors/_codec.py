@@ -40,13 +40,37 @@ def encode(value: Any) -> bytes:
     try:
         return msgpack.packb(value, default=_default, use_bin_type=True, datetime=False)
     except (TypeError, ValueError, OverflowError) as exc:
-        raise CodecError(f"cannot encode message: {exc}") from None
+        raise CodecError(f"cannot encode message{_where_unencodable(value)}: {exc}") from None
 
 
 def encode_json(value: Any) -> bytes:
+    """Encode a pydantic model (or plain data) as compact JSON."""
     if isinstance(value, BaseModel):
         return value.model_dump_json().encode()
-    return json.dumps(value, default=_default, separators=(",", ":")).encode()
+    try:
+        return json.dumps(value, default=_default, separators=(",", ":")).encode()
+    except (TypeError, ValueError) as exc:
+        raise CodecError(f"cannot encode message{_where_unencodable(value)}: {exc}") from None
+
+
+def _where_unencodable(value: Any, path: str = "") -> str:
+    """`` at <path>``: where in ``value`` the first thing the bus cannot carry is."""
+    if isinstance(value, dict):
+        items: Any = ((f"{path}.{k}" if path else str(k), v) for k, v in value.items())
+    elif isinstance(value, list | tuple):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(value))
+    elif isinstance(value, str | bytes | int | float | bool | None):
+        return ""
+    else:
+        try:
+            _default(value)
+        except TypeError:
+            return f" at {path or 'the top'} ({type(value).__name__})"
+        return ""
+    for where, item in items:
+        if found := _where_unencodable(item, where):
+            return found
+    return ""
 
 
 def unpack(data: bytes, content_type: str | None = None) -> Any:

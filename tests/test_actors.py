@@ -342,3 +342,12 @@ async def test_a_step_worker_keeps_a_step_while_its_result_is_on_its_way(bus: Bu
     finally:
         for w in workers:
             await w.stop()
+
+
+def test_what_the_bus_cannot_carry_is_named_by_where_it_is() -> None:
+    from actors import encode_json
+
+    task = {"task": "x", "input": {"when": [1, {"at": object()}]}}
+    for encoder in (encode, encode_json):
+        with pytest.raises(CodecError, match=r"at input\.when\[1\]\.at \(object\)"):
+            encoder(task)
