@@ -71,9 +71,10 @@ class _Progress:
     """One running activity step's heartbeat details on their way to the progress bucket.
 
     ``report`` (from any thread) keeps the latest details; a writer stores them at most
-    once a second while the step runs, and once more when an attempt ends without a result,
-    so the next attempt (here, on a peer, or after this worker's crash: then the last
-    second's details may be missing) starts from them. A step that succeeds deletes them.
+    once a second while the step runs, and once more when an attempt fails, so the next
+    attempt (here, on a peer, or after this worker's crash: then the last second's details
+    may be missing) starts from them. A step that succeeds deletes them; an attempt given
+    up (see :meth:`close`) writes nothing.
     """
 
     WRITE_EVERY = 1.0
